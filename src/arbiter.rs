@@ -1,0 +1,592 @@
+//! The master's loop, after gunicorn's `Arbiter` and Unicorn's `join`: wait for a signal, a
+//! worker's nudge or the next deadline; handle queued signals; then `reap_workers`,
+//! `murder_workers`, `manage_workers`. Nothing here runs in a signal handler.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forkserve_worker::listener::BoundSocket;
+use forkserve_worker::protocol::{monotonic_ms, WorkerState, APP_LOAD_ERROR, WORKER_BOOT_ERROR};
+use forkserve_worker::{Embedder, WorkerContext};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::config::{secs, Config};
+use crate::scoreboard::Scoreboard;
+use crate::signals::SignalQueue;
+
+/// Exit code when workers keep failing to boot (gunicorn's `WORKER_BOOT_ERROR`).
+pub const EXIT_BOOT_FAILURES: i32 = 3;
+/// The master never sleeps longer than this, so housekeeping runs at least once a second.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
+/// First delay before respawning after a failed boot; doubles per failure up to the cap.
+const BOOT_BACKOFF_START: Duration = Duration::from_millis(100);
+const BOOT_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Why the master asked a worker to stop (or killed it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// Served `max_requests`; its replacement is ready.
+    MaxRequests,
+    /// More workers than configured (TTOU or a lower `workers`).
+    ScaleDown,
+    /// No heartbeat (or one computation) for longer than `timeout`.
+    Timeout,
+    /// Not ready within `boot_timeout`.
+    BootTimeout,
+    /// The master is shutting down.
+    Shutdown,
+}
+
+impl StopReason {
+    fn describe(self) -> &'static str {
+        match self {
+            StopReason::MaxRequests => "retired after max_requests",
+            StopReason::ScaleDown => "stopped to reduce the worker count",
+            StopReason::Timeout => "killed after the heartbeat timeout",
+            StopReason::BootTimeout => "killed after boot_timeout",
+            StopReason::Shutdown => "stopped for shutdown",
+        }
+    }
+}
+
+/// The master's view of one worker.
+struct Worker {
+    slot: usize,
+    spawned_at: Instant,
+    ready_at: Option<Instant>,
+    max_requests: u64,
+    /// Set once the master has asked it to stop; says why, for the log when it is reaped.
+    stopping: Option<StopReason>,
+    /// When a worker asked to stop gets SIGKILL if it is still there.
+    kill_at: Option<Instant>,
+}
+
+struct Shutdown {
+    graceful: bool,
+    exit_code: i32,
+    kill_at: Instant,
+}
+
+pub struct Arbiter {
+    config: Config,
+    listeners: Vec<BoundSocket>,
+    embedder: Arc<dyn Embedder>,
+    scoreboard: Scoreboard,
+    signals: SignalQueue,
+    /// Workers write a byte here when their state changes, so the master reacts at once.
+    wake_read: File,
+    wake_write: OwnedFd,
+    workers: BTreeMap<Pid, Worker>,
+    /// Failed boots in a row; reset when a worker becomes ready.
+    boot_failures: u32,
+    next_spawn_at: Instant,
+    shutdown: Option<Shutdown>,
+    pid: i32,
+}
+
+impl Arbiter {
+    pub fn new(
+        config: Config,
+        listeners: Vec<BoundSocket>,
+        embedder: Arc<dyn Embedder>,
+        scoreboard: Scoreboard,
+        signals: SignalQueue,
+    ) -> nix::Result<Arbiter> {
+        let (wake_read, wake_write) = nix::unistd::pipe2(
+            nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC,
+        )?;
+        Ok(Arbiter {
+            config,
+            listeners,
+            embedder,
+            scoreboard,
+            signals,
+            wake_read: File::from(wake_read),
+            wake_write,
+            workers: BTreeMap::new(),
+            boot_failures: 0,
+            next_spawn_at: Instant::now(),
+            shutdown: None,
+            pid: std::process::id() as i32,
+        })
+    }
+
+    /// Run until shut down; returns the process exit code.
+    pub fn run(mut self) -> i32 {
+        self.manage_workers();
+        loop {
+            self.sleep(self.next_wakeup());
+            while let Some(sig) = self.signals.next() {
+                self.handle_signal(sig);
+            }
+            self.reap_workers();
+            if let Some(code) = self.finished() {
+                return code;
+            }
+            self.observe_workers();
+            self.murder_workers();
+            self.manage_workers();
+        }
+    }
+
+    fn handle_signal(&mut self, sig: Signal) {
+        match sig {
+            Signal::SIGCHLD => {} // reap_workers runs on every turn of the loop
+            Signal::SIGTERM => {
+                tracing::info!("handling SIGTERM: graceful stop");
+                self.begin_shutdown(true, 0);
+            }
+            Signal::SIGINT | Signal::SIGQUIT => {
+                tracing::info!(signal = %sig, "fast stop");
+                self.begin_shutdown(false, 0);
+            }
+            Signal::SIGTTIN => {
+                self.config.workers = (self.config.workers + 1).min(crate::config::MAX_WORKERS);
+                tracing::info!(workers = self.config.workers, "SIGTTIN: one worker more");
+            }
+            Signal::SIGTTOU => {
+                self.config.workers = self.config.workers.saturating_sub(1).max(1);
+                tracing::info!(workers = self.config.workers, "SIGTTOU: one worker fewer");
+            }
+            other => tracing::info!(signal = %other, "signal not handled yet; ignored"),
+        }
+    }
+
+    /// Wait for a signal, a worker's nudge, or `timeout`.
+    fn sleep(&mut self, timeout: Duration) {
+        let mut fds = [
+            PollFd::new(self.signals.fd(), PollFlags::POLLIN),
+            PollFd::new(self.wake_read.as_fd(), PollFlags::POLLIN),
+        ];
+        let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, ms) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => tracing::error!(error = %e, "poll failed"),
+        }
+        // Empty the pipe: the nudges only say "look at the scoreboard".
+        let mut buf = [0u8; 64];
+        while matches!(self.wake_read.read(&mut buf), Ok(n) if n > 0) {}
+    }
+
+    /// The time until the next deadline: a heartbeat or boot expiring, a kill, a spawn.
+    fn next_wakeup(&self) -> Duration {
+        let now = Instant::now();
+        let now_ms = monotonic_ms();
+        let timeout_ms = (self.config.timeout * 1000.0) as u64;
+        let boot_timeout = secs(self.config.boot_timeout);
+        let mut next = MAX_SLEEP;
+        let mut consider = |d: Duration| next = next.min(d);
+        for w in self.workers.values() {
+            let slot = self.scoreboard.slot(w.slot);
+            if let Some(kill_at) = w.kill_at {
+                consider(kill_at.saturating_duration_since(now));
+            }
+            match slot.state() {
+                WorkerState::Booting => {
+                    consider((w.spawned_at + boot_timeout).saturating_duration_since(now))
+                }
+                _ => {
+                    let beat = slot.heartbeat_ms.load(std::sync::atomic::Ordering::Acquire);
+                    consider(Duration::from_millis(
+                        (beat + timeout_ms).saturating_sub(now_ms),
+                    ))
+                }
+            }
+        }
+        if let Some(s) = &self.shutdown {
+            consider(s.kill_at.saturating_duration_since(now));
+        } else if self.next_spawn_at > now {
+            consider(self.next_spawn_at - now);
+        }
+        // Never spin: a deadline just passed is handled on this turn.
+        next.max(Duration::from_millis(5))
+    }
+
+    /// Collect every exited worker, say why it went, and free its slot.
+    fn reap_workers(&mut self) {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => return,
+                Ok(status) => status,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "waitpid failed");
+                    return;
+                }
+            };
+            let (pid, how) = match status {
+                WaitStatus::Exited(pid, code) => (pid, Exit::Code(code)),
+                WaitStatus::Signaled(pid, sig, _) => (pid, Exit::Signal(sig)),
+                _ => continue,
+            };
+            let Some(worker) = self.workers.remove(&pid) else {
+                continue;
+            };
+            self.scoreboard.release(worker.slot);
+            self.log_exit(pid, &worker, how);
+        }
+    }
+
+    fn log_exit(&mut self, pid: Pid, worker: &Worker, how: Exit) {
+        let lived = worker.spawned_at.elapsed().as_secs_f64();
+        if let Some(reason) = worker.stopping {
+            let booted = worker.ready_at.is_some();
+            if reason == StopReason::BootTimeout || (!booted && reason == StopReason::Timeout) {
+                self.boot_failed(pid, "not ready within boot_timeout");
+            } else if matches!(reason, StopReason::Timeout) {
+                tracing::error!(pid = pid.as_raw(), %how, "worker timed out and was killed (WORKER TIMEOUT)");
+            } else {
+                tracing::info!(pid = pid.as_raw(), %how, lived_s = format!("{lived:.1}"), "worker {}", reason.describe());
+            }
+            return;
+        }
+        if self.shutdown.is_some() {
+            tracing::info!(pid = pid.as_raw(), %how, "worker exited during shutdown");
+            return;
+        }
+        if worker.ready_at.is_none() {
+            let why = match how {
+                Exit::Code(WORKER_BOOT_ERROR) => "worker boot error (exit code 3)".to_string(),
+                Exit::Code(APP_LOAD_ERROR) => "model failed its warm-up (exit code 4)".to_string(),
+                other => format!("{other} before it was ready"),
+            };
+            self.boot_failed(pid, &why);
+            return;
+        }
+        // It was serving and nobody asked it to stop: a crash. Replaced at once.
+        let hint = match how {
+            Exit::Signal(Signal::SIGKILL) => " (perhaps out of memory)",
+            _ => "",
+        };
+        tracing::error!(pid = pid.as_raw(), %how, "worker died unexpectedly{hint}; replacing it");
+    }
+
+    fn boot_failed(&mut self, pid: Pid, why: &str) {
+        self.boot_failures += 1;
+        let max = self.config.max_boot_failures;
+        if self.boot_failures >= max {
+            tracing::error!(
+                pid = pid.as_raw(),
+                failures = self.boot_failures,
+                "worker failed to boot: {why}; {max} failed boots in a row, giving up"
+            );
+            self.begin_shutdown(false, EXIT_BOOT_FAILURES);
+            return;
+        }
+        let backoff = BOOT_BACKOFF_START
+            .saturating_mul(1 << (self.boot_failures - 1).min(16))
+            .min(BOOT_BACKOFF_CAP);
+        tracing::error!(
+            pid = pid.as_raw(),
+            failures = self.boot_failures,
+            retry_in_ms = backoff.as_millis() as u64,
+            "worker failed to boot: {why}"
+        );
+        self.next_spawn_at = Instant::now() + backoff;
+    }
+
+    /// Notice workers that became ready since the last turn.
+    fn observe_workers(&mut self) {
+        for (pid, w) in self.workers.iter_mut() {
+            if w.ready_at.is_none() && self.scoreboard.slot(w.slot).state() != WorkerState::Booting
+            {
+                w.ready_at = Some(Instant::now());
+                self.boot_failures = 0;
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    boot_s = format!("{:.3}", w.spawned_at.elapsed().as_secs_f64()),
+                    max_requests = w.max_requests,
+                    "worker ready"
+                );
+            }
+        }
+    }
+
+    /// Kill workers that are overdue: hung (heartbeat or one computation older than
+    /// `timeout`), never ready within `boot_timeout`, or past their graceful-stop deadline.
+    fn murder_workers(&mut self) {
+        let now = Instant::now();
+        let now_ms = monotonic_ms();
+        let timeout_ms = (self.config.timeout * 1000.0) as u64;
+        let boot_timeout = secs(self.config.boot_timeout);
+        let mut overdue = Vec::new();
+        for (&pid, w) in &self.workers {
+            if w.kill_at.is_some_and(|t| now >= t) {
+                overdue.push((pid, None));
+                continue;
+            }
+            if matches!(w.stopping, Some(StopReason::Timeout | StopReason::BootTimeout)) {
+                continue; // already killed, waiting to be reaped
+            }
+            let slot = self.scoreboard.slot(w.slot);
+            let reason = match slot.state() {
+                WorkerState::Booting if now.duration_since(w.spawned_at) > boot_timeout => {
+                    Some(StopReason::BootTimeout)
+                }
+                WorkerState::Booting | WorkerState::Free => None,
+                _ => {
+                    let beat = slot.heartbeat_ms.load(std::sync::atomic::Ordering::Acquire);
+                    let busy = slot.busy_since_ms.load(std::sync::atomic::Ordering::Acquire);
+                    let silent = now_ms.saturating_sub(beat) > timeout_ms;
+                    let stuck = busy != 0 && now_ms.saturating_sub(busy) > timeout_ms;
+                    (silent || stuck).then_some(StopReason::Timeout)
+                }
+            };
+            if let Some(r) = reason {
+                overdue.push((pid, Some(r)));
+            }
+        }
+        for (pid, reason) in overdue {
+            if let Some(w) = self.workers.get_mut(&pid) {
+                if let Some(r) = reason {
+                    w.stopping = Some(r);
+                    tracing::error!(pid = pid.as_raw(), reason = r.describe(), "killing worker");
+                } else {
+                    tracing::warn!(pid = pid.as_raw(), "worker did not stop within graceful_timeout; killing it");
+                }
+                w.kill_at = None;
+            }
+            self.kill_worker(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// Keep `workers` workers serving: spawn what is missing, retire workers whose
+    /// replacement is ready, stop the surplus.
+    fn manage_workers(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        let target = self.config.workers;
+        let slots = self.scoreboard.slots();
+        let state = move |w: &Worker| slots[w.slot].state();
+
+        // Booting and ready workers the master has not asked to stop: the pool's capacity.
+        let active: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.stopping.is_none())
+            .filter(|(_, w)| matches!(state(w), WorkerState::Booting | WorkerState::Ready))
+            .map(|(&pid, _)| pid)
+            .collect();
+        if active.len() < target && Instant::now() >= self.next_spawn_at {
+            for _ in active.len()..target {
+                if !self.spawn_worker() {
+                    break;
+                }
+            }
+        } else if active.len() > target {
+            // Stop the oldest first, like gunicorn.
+            let mut by_age = active.clone();
+            by_age.sort_by_key(|pid| self.workers[pid].spawned_at);
+            for pid in by_age.into_iter().take(active.len() - target) {
+                self.stop_worker(pid, StopReason::ScaleDown);
+            }
+        }
+
+        // A retiring worker keeps serving until enough replacements are ready; only then is
+        // it drained, so recycling never lowers capacity.
+        let ready = self
+            .workers
+            .values()
+            .filter(|w| w.stopping.is_none() && state(w) == WorkerState::Ready)
+            .count();
+        let mut retiring: Vec<(Instant, Pid)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.stopping.is_none() && state(w) == WorkerState::Retiring)
+            .map(|(&pid, w)| (w.spawned_at, pid))
+            .collect();
+        retiring.sort();
+        let drainable = (ready + retiring.len()).saturating_sub(target);
+        for (_, pid) in retiring.into_iter().take(drainable) {
+            self.stop_worker(pid, StopReason::MaxRequests);
+        }
+    }
+
+    /// Fork one worker. Returns false if it could not.
+    fn spawn_worker(&mut self) -> bool {
+        if let Err(e) = assert_single_threaded() {
+            tracing::error!("refusing to fork: {e}");
+            self.begin_shutdown(false, 1);
+            return false;
+        }
+        let Some(slot) = self.scoreboard.claim(monotonic_ms()) else {
+            tracing::error!("no free scoreboard slot; not spawning");
+            return false;
+        };
+        let jitter = match self.config.max_requests_jitter {
+            0 => 0,
+            j => fastrand::u64(0..=j),
+        };
+        let max_requests = match self.config.max_requests {
+            0 => 0,
+            n => n + jitter,
+        };
+        // SAFETY: the master is single-threaded (checked just above), so the child gets a
+        // consistent copy of every lock and allocator state; it runs the worker and exits
+        // without returning into the master's code.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                let code = self.become_worker(slot, max_requests);
+                std::process::exit(code);
+            }
+            Ok(ForkResult::Parent { child }) => {
+                self.scoreboard
+                    .slot(slot)
+                    .pid
+                    .store(child.as_raw(), std::sync::atomic::Ordering::Release);
+                self.workers.insert(
+                    child,
+                    Worker {
+                        slot,
+                        spawned_at: Instant::now(),
+                        ready_at: None,
+                        max_requests,
+                        stopping: None,
+                        kill_at: None,
+                    },
+                );
+                tracing::info!(pid = child.as_raw(), "booting worker");
+                true
+            }
+            Err(e) => {
+                self.scoreboard.release(slot);
+                tracing::error!(error = %e, "fork failed");
+                self.next_spawn_at = Instant::now() + BOOT_BACKOFF_START;
+                false
+            }
+        }
+    }
+
+    /// In the child: hand over what the worker needs and run it.
+    fn become_worker(&self, slot: usize, max_requests: u64) -> i32 {
+        let listeners: Result<Vec<BoundSocket>, _> =
+            self.listeners.iter().map(BoundSocket::try_clone).collect();
+        let wake = self.wake_write.try_clone().map(File::from);
+        let (listeners, wake) = match (listeners, wake) {
+            (Ok(l), Ok(w)) => (l, w),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot hand the sockets to the worker");
+                return WORKER_BOOT_ERROR;
+            }
+        };
+        forkserve_worker::run(WorkerContext {
+            listeners,
+            slot: self.scoreboard.slot(slot),
+            embedder: self.embedder.clone(),
+            settings: self.config.worker_settings(max_requests),
+            master_pid: self.pid,
+            wake_master: wake,
+        })
+    }
+
+    /// Ask a worker to finish its in-flight requests and exit; SIGKILL after graceful_timeout.
+    fn stop_worker(&mut self, pid: Pid, reason: StopReason) {
+        let grace = secs(self.config.graceful_timeout);
+        if let Some(w) = self.workers.get_mut(&pid) {
+            if w.stopping.is_some() {
+                return;
+            }
+            w.stopping = Some(reason);
+            // A little over the worker's own budget, so a worker that drains on time exits by
+            // itself rather than being killed at the same instant.
+            w.kill_at = Some(Instant::now() + grace + Duration::from_millis(500));
+        }
+        tracing::info!(pid = pid.as_raw(), reason = reason.describe(), "stopping worker");
+        self.kill_worker(pid, Signal::SIGTERM);
+    }
+
+    fn kill_worker(&self, pid: Pid, sig: Signal) {
+        match kill(pid, sig) {
+            // Already gone: it will be reaped.
+            Ok(()) | Err(nix::Error::ESRCH) => {}
+            Err(e) => tracing::error!(pid = pid.as_raw(), signal = %sig, error = %e, "kill failed"),
+        }
+    }
+
+    /// Stop every worker: SIGTERM (graceful) or SIGQUIT (fast), then SIGKILL at the deadline.
+    fn begin_shutdown(&mut self, graceful: bool, exit_code: i32) {
+        let escalate = match &self.shutdown {
+            None => true,
+            // A fast stop during a graceful one speeds it up; nothing else changes it.
+            Some(s) => s.graceful && !graceful,
+        };
+        if !escalate {
+            return;
+        }
+        let grace = secs(self.config.graceful_timeout);
+        let kill_at = Instant::now() + grace + Duration::from_millis(500);
+        let exit_code = self.shutdown.as_ref().map_or(exit_code, |s| s.exit_code.max(exit_code));
+        self.shutdown = Some(Shutdown {
+            graceful,
+            exit_code,
+            kill_at,
+        });
+        let sig = if graceful { Signal::SIGTERM } else { Signal::SIGQUIT };
+        let pids: Vec<Pid> = self.workers.keys().copied().collect();
+        for pid in pids {
+            if let Some(w) = self.workers.get_mut(&pid) {
+                if w.stopping.is_none() || !graceful {
+                    w.stopping.get_or_insert(StopReason::Shutdown);
+                    w.kill_at = Some(kill_at);
+                }
+            }
+            self.kill_worker(pid, sig);
+        }
+    }
+
+    /// During shutdown: the exit code once every worker is gone; SIGKILL for the late ones.
+    fn finished(&mut self) -> Option<i32> {
+        let shutdown = self.shutdown.as_mut()?;
+        if self.workers.is_empty() {
+            tracing::info!("shutting down: all workers stopped");
+            return Some(shutdown.exit_code);
+        }
+        let now = Instant::now();
+        if now >= shutdown.kill_at {
+            // Once a second until they are reaped, not on every turn of the loop.
+            shutdown.kill_at = now + MAX_SLEEP;
+            let pids: Vec<Pid> = self.workers.keys().copied().collect();
+            for pid in pids {
+                tracing::warn!(pid = pid.as_raw(), "worker still running after graceful_timeout; killing it");
+                self.kill_worker(pid, Signal::SIGKILL);
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    Code(i32),
+    Signal(Signal),
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::Signal(s) => write!(f, "signal {s}"),
+        }
+    }
+}
+
+/// The master must have exactly one thread when it forks: a lock held by any other thread
+/// would stay locked forever in the child.
+pub fn assert_single_threaded() -> Result<(), String> {
+    let count = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| format!("cannot read /proc/self/task: {e}"))?
+        .count();
+    if count == 1 {
+        Ok(())
+    } else {
+        Err(format!("the master has {count} threads; it must have 1 before fork"))
+    }
+}

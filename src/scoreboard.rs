@@ -1,0 +1,96 @@
+//! The scoreboard: one shared anonymous mapping with a slot per worker. The master creates it
+//! before forking; every worker inherits the same physical pages, so a worker's heartbeat or
+//! state change is visible to the master without any message. `MAP_SHARED | MAP_ANONYMOUS`
+//! needs no file and no /dev/shm, which is why Docker needs no `--shm-size` for it.
+
+use std::num::NonZeroUsize;
+
+use forkserve_worker::protocol::{WorkerSlot, WorkerState};
+use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+
+pub struct Scoreboard {
+    slots: &'static [WorkerSlot],
+}
+
+impl Scoreboard {
+    pub fn new(capacity: usize) -> nix::Result<Scoreboard> {
+        let len = NonZeroUsize::new(capacity.max(1) * std::mem::size_of::<WorkerSlot>())
+            .ok_or(nix::Error::EINVAL)?;
+        // SAFETY: a fresh anonymous mapping aliases nothing. The kernel zero-fills it, and all
+        // zeroes is a valid `WorkerSlot` (atomics at 0 = a free slot). The mapping is page
+        // aligned, which satisfies the slot's 64-byte alignment. It is never unmapped, so the
+        // `'static` slice stays valid for the life of the process (and of every forked worker).
+        let slots = unsafe {
+            let ptr = mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )?;
+            std::slice::from_raw_parts(ptr.as_ptr() as *const WorkerSlot, capacity.max(1))
+        };
+        Ok(Scoreboard { slots })
+    }
+
+    /// Take a free slot for a worker about to be forked. Only the master claims and releases
+    /// slots, so there is no race between two claims.
+    pub fn claim(&self, now_ms: u64) -> Option<usize> {
+        let index = self
+            .slots
+            .iter()
+            .position(|s| s.state() == WorkerState::Free)?;
+        self.slots[index].reset(now_ms);
+        Some(index)
+    }
+
+    /// Give a reaped worker's slot back.
+    pub fn release(&self, index: usize) {
+        let slot = &self.slots[index];
+        slot.pid.store(0, std::sync::atomic::Ordering::Relaxed);
+        slot.set_state(WorkerState::Free);
+    }
+
+    pub fn slot(&self, index: usize) -> &'static WorkerSlot {
+        &self.slots[index]
+    }
+
+    pub fn slots(&self) -> &'static [WorkerSlot] {
+        self.slots
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn slots_are_claimed_and_released() {
+        let board = Scoreboard::new(2).unwrap();
+        let a = board.claim(5).unwrap();
+        let b = board.claim(5).unwrap();
+        assert_ne!(a, b);
+        assert!(board.claim(5).is_none());
+        assert_eq!(board.slot(a).state(), WorkerState::Booting);
+        board.release(a);
+        assert_eq!(board.claim(6), Some(a));
+    }
+
+    #[test]
+    fn a_forked_child_writes_where_the_parent_reads() {
+        let board = Scoreboard::new(1).unwrap();
+        let i = board.claim(1).unwrap();
+        // SAFETY: the child only stores to an atomic and calls _exit; both are async-signal-safe,
+        // so forking from a multi-threaded test binary cannot deadlock the child.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                board.slot(i).requests.store(42, Ordering::Release);
+                unsafe { nix::libc::_exit(0) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(board.slot(i).requests.load(Ordering::Acquire), 42);
+            }
+        }
+    }
+}

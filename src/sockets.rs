@@ -1,0 +1,148 @@
+//! Listening sockets: parse `bind` addresses and bind them, once, in the master. Workers inherit
+//! the very same sockets, so a recycled worker never takes queued connections down with it
+//! (which per-worker SO_REUSEPORT sockets would).
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+use forkserve_worker::listener::BoundSocket;
+use socket2::{Domain, Socket, Type};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindAddress {
+    /// `HOST:PORT` as written (resolved at bind time; may give several addresses).
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl BindAddress {
+    pub fn parse(s: &str) -> Result<BindAddress, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(BindAddress::Unix(PathBuf::from(path)));
+        }
+        if s.parse::<SocketAddr>().is_ok() {
+            return Ok(BindAddress::Tcp(s.to_string()));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(BindAddress::Tcp(s.to_string()))
+            }
+            _ => Err("expected HOST:PORT, [IPV6]:PORT or unix:PATH".into()),
+        }
+    }
+}
+
+impl fmt::Display for BindAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BindAddress::Tcp(a) => write!(f, "http://{a}"),
+            BindAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A bound socket and what to call it in logs.
+pub struct Bound {
+    pub socket: BoundSocket,
+    pub name: String,
+}
+
+/// Bind every address. A host name binds every address it resolves to.
+pub fn bind_all(addresses: &[String], backlog: u32) -> io::Result<Vec<Bound>> {
+    let mut out = Vec::new();
+    for text in addresses {
+        let addr = BindAddress::parse(text)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{text}: {e}")))?;
+        match addr {
+            BindAddress::Tcp(spec) => {
+                let resolved: Vec<SocketAddr> = spec.to_socket_addrs()?.collect();
+                if resolved.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{spec}: resolves to no address"),
+                    ));
+                }
+                for sa in resolved {
+                    let listener = bind_tcp(sa, backlog).map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot bind {sa}: {e}"))
+                    })?;
+                    let name = format!("http://{}", listener.local_addr()?);
+                    out.push(Bound {
+                        socket: BoundSocket::Tcp(listener),
+                        name,
+                    });
+                }
+            }
+            BindAddress::Unix(path) => {
+                let listener = bind_unix(&path, backlog).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot bind unix:{}: {e}", path.display()))
+                })?;
+                out.push(Bound {
+                    socket: BoundSocket::Unix(listener),
+                    name: format!("unix:{}", path.display()),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // A restarted server must be able to bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // "[::]:8000" means IPv6 only; bind "0.0.0.0:8000" too for both.
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+fn bind_unix(path: &std::path::Path, backlog: u32) -> io::Result<std::os::unix::net::UnixListener> {
+    // A socket file left by a previous run that died would make bind fail; remove it, but
+    // never remove anything that is not a socket.
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_forms_ops_write() {
+        assert!(matches!(BindAddress::parse("127.0.0.1:8000"), Ok(BindAddress::Tcp(_))));
+        assert!(matches!(BindAddress::parse("[::1]:8000"), Ok(BindAddress::Tcp(_))));
+        assert!(matches!(BindAddress::parse("localhost:8000"), Ok(BindAddress::Tcp(_))));
+        assert_eq!(
+            BindAddress::parse("unix:/run/forkserve.sock"),
+            Ok(BindAddress::Unix("/run/forkserve.sock".into()))
+        );
+        assert!(BindAddress::parse("8000").is_err());
+        assert!(BindAddress::parse("host:http").is_err());
+        assert!(BindAddress::parse("unix:").is_err());
+    }
+
+    #[test]
+    fn binds_an_ephemeral_port() {
+        let bound = bind_all(&["127.0.0.1:0".into()], 16).unwrap();
+        assert_eq!(bound.len(), 1);
+        assert!(bound[0].name.starts_with("http://127.0.0.1:"));
+        assert!(!bound[0].name.ends_with(":0"));
+    }
+}

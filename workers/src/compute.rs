@@ -1,0 +1,86 @@
+//! The worker's compute thread: the one place where tokenization, inference and clustering run,
+//! so the I/O loop (accepting, heartbeats, health checks) never waits behind a forward pass.
+//! Jobs queue in a bounded channel; when it is full the request is refused (503) rather than
+//! piling up latency without limit.
+
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::oneshot;
+
+use crate::embedder::Embedder;
+use crate::protocol::{monotonic_ms, WorkerSlot};
+
+type Job = Box<dyn FnOnce(&dyn Embedder) + Send>;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ComputeError {
+    /// Too many requests are already waiting.
+    QueueFull,
+    /// The job panicked, or the compute thread is gone.
+    Failed,
+}
+
+#[derive(Clone)]
+pub struct Compute {
+    jobs: SyncSender<Job>,
+}
+
+impl Compute {
+    /// Start the compute thread. `pool` runs every job, so that candle's parallel kernels use
+    /// exactly this worker's `threads` and no more.
+    pub fn start(
+        embedder: Arc<dyn Embedder>,
+        pool: rayon::ThreadPool,
+        slot: &'static WorkerSlot,
+        max_queue: usize,
+    ) -> std::io::Result<Compute> {
+        let (jobs, queue) = mpsc::sync_channel::<Job>(max_queue.max(1));
+        std::thread::Builder::new()
+            .name("compute".into())
+            .spawn(move || run_jobs(queue, embedder, pool, slot))?;
+        Ok(Compute { jobs })
+    }
+
+    /// Run `f` on the compute thread and wait for its result without blocking the I/O loop.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, ComputeError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Embedder) -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |embedder| {
+            // The requester may have gone (client disconnected); nothing to do then.
+            let _ = tx.send(f(embedder));
+        });
+        self.jobs.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => ComputeError::QueueFull,
+            TrySendError::Disconnected(_) => ComputeError::Failed,
+        })?;
+        rx.await.map_err(|_| ComputeError::Failed)
+    }
+}
+
+fn run_jobs(
+    queue: Receiver<Job>,
+    embedder: Arc<dyn Embedder>,
+    pool: rayon::ThreadPool,
+    slot: &'static WorkerSlot,
+) {
+    while let Ok(job) = queue.recv() {
+        // busy_since lets the master see a computation that never ends, even though this
+        // worker's I/O loop keeps beating.
+        slot.busy_since_ms.store(monotonic_ms(), Ordering::Release);
+        // A panic is a bug, but it must cost only the request that hit it, not the worker and
+        // every request queued behind it: the job's reply channel is dropped and that request
+        // gets a 500.
+        let outcome = pool.install(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(embedder.as_ref())))
+        });
+        if outcome.is_err() {
+            tracing::error!("a compute job panicked; its request gets a 500");
+        }
+        slot.busy_since_ms.store(0, Ordering::Release);
+    }
+}

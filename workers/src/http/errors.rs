@@ -1,0 +1,136 @@
+//! Every way a request can fail, mapped to a status code in one place. Bodies are always JSON:
+//! `{"error": "<what is wrong>", "error_type": "<kind>"}`.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiError {
+    /// The body is not valid JSON (syntax, truncation, nesting too deep).
+    InvalidJson(String),
+    /// The body is not UTF-8.
+    InvalidUtf8(String),
+    /// Valid JSON with a missing field, a wrong type or an impossible value; names the field.
+    Validation { field: String, message: String },
+    /// Body larger than `max_body_bytes`.
+    PayloadTooLarge { limit: usize },
+    /// The request does not say it carries JSON.
+    UnsupportedMediaType(String),
+    /// The path exists, the method does not.
+    MethodNotAllowed { allow: &'static str },
+    NotFound(String),
+    /// The worker's queue is full (or it is shutting down): try again shortly.
+    Overloaded(String),
+    /// Our fault, not the client's.
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    error_type: &'static str,
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError::Validation {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJson(_) | ApiError::InvalidUtf8(_) => StatusCode::BAD_REQUEST,
+            ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidUtf8(_) => "invalid_utf8",
+            ApiError::Validation { .. } => "validation",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Overloaded(_) => "overloaded",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::InvalidJson(m) => format!("malformed JSON: {m}"),
+            ApiError::InvalidUtf8(m) => format!("body is not valid UTF-8: {m}"),
+            ApiError::Validation { field, message } => format!("{field}: {message}"),
+            ApiError::PayloadTooLarge { limit } => {
+                format!("request body is larger than the limit of {limit} bytes")
+            }
+            ApiError::UnsupportedMediaType(m) => m.clone(),
+            ApiError::MethodNotAllowed { allow } => format!("method not allowed; use {allow}"),
+            ApiError::NotFound(path) => format!("no route for {path}"),
+            ApiError::Overloaded(m) => m.clone(),
+            ApiError::Internal(m) => m.clone(),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let message = self.message();
+        let body = serde_json::to_vec(&ErrorBody {
+            error: &message,
+            error_type: self.error_type(),
+        })
+        .unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        match self {
+            ApiError::MethodNotAllowed { allow } => {
+                headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            ApiError::Overloaded(_) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_field() {
+        let e = ApiError::validation("sentences[2]", "expected a string, got a number");
+        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e.message(), "sentences[2]: expected a string, got a number");
+    }
+
+    #[test]
+    fn method_not_allowed_carries_allow() {
+        let r = ApiError::MethodNotAllowed { allow: "POST" }.into_response();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[ALLOW], "POST");
+    }
+
+    #[test]
+    fn overloaded_says_when_to_retry() {
+        let r = ApiError::Overloaded("queue full".into()).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[RETRY_AFTER], "1");
+    }
+}

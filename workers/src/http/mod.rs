@@ -1,0 +1,6 @@
+//! The worker's HTTP side: wire types, errors, handlers, connections.
+
+pub mod app;
+pub mod errors;
+pub mod server;
+pub mod types;

@@ -1,0 +1,200 @@
+//! Accepting on the inherited listeners and driving HTTP/1.1 connections, with keep-alive
+//! expiry and a drain that never closes a connection under a request.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::app::App;
+use crate::listener::Listener;
+use crate::protocol::{monotonic_ms, WorkerSlot};
+
+/// While draining, an idle keep-alive connection is closed once it has been idle this long. A
+/// client under load sends its next request well within it and gets `Connection: close` on the
+/// response instead, which no client mistakes for an error.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct ConnectionSettings {
+    pub keepalive: Duration,
+    pub header_timeout: Duration,
+}
+
+/// Open connections of this worker, so that a drain knows when it is done.
+#[derive(Clone)]
+pub struct Connections {
+    slot: &'static WorkerSlot,
+    closed: Arc<tokio::sync::Notify>,
+}
+
+impl Connections {
+    pub fn new(slot: &'static WorkerSlot) -> Connections {
+        Connections {
+            slot,
+            closed: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.slot.connections.load(Ordering::Acquire) as usize
+    }
+
+    /// Wait until every connection is closed.
+    pub async fn all_closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn track(&self) -> ConnectionGuard {
+        self.slot.connections.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard(self.clone())
+    }
+}
+
+struct ConnectionGuard(Connections);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.slot.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.closed.notify_waiters();
+    }
+}
+
+/// Accept until the drain starts; then drop the listener (other workers keep accepting on the
+/// same socket).
+pub async fn accept_loop(
+    listener: Listener,
+    app: Arc<App>,
+    settings: ConnectionSettings,
+    connections: Connections,
+    mut draining: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = draining.wait_for(|d| *d) => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(stream) => {
+                let guard = connections.track();
+                let app = app.clone();
+                let settings = settings.clone();
+                let draining = draining.clone();
+                tokio::spawn(async move {
+                    match stream {
+                        crate::listener::Stream::Tcp(s) => {
+                            let _ = s.set_nodelay(true);
+                            serve_connection(s, app, settings, draining).await
+                        }
+                        crate::listener::Stream::Unix(s) => {
+                            serve_connection(s, app, settings, draining).await
+                        }
+                    }
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning on a readable socket.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// When the connection last did something, and whether a request is in progress.
+struct Activity {
+    in_flight: AtomicU32,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = self.last_ms.load(Ordering::Acquire);
+        Some(Duration::from_millis(monotonic_ms().saturating_sub(last)))
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(monotonic_ms(), Ordering::Release);
+    }
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    app: Arc<App>,
+    settings: ConnectionSettings,
+    mut draining: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity {
+        in_flight: AtomicU32::new(0),
+        last_ms: AtomicU64::new(monotonic_ms()),
+    });
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let app = app.clone();
+            let activity = activity.clone();
+            async move {
+                activity.in_flight.fetch_add(1, Ordering::AcqRel);
+                let response = app.handle(req).await;
+                activity.touch();
+                activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+
+    let mut closing = false;
+    loop {
+        let limit = if *draining.borrow() {
+            DRAIN_IDLE_GRACE
+        } else {
+            settings.keepalive
+        };
+        // Sleep until this connection could have been idle for `limit`; a busy one is checked
+        // again a full period later.
+        let wait = match activity.idle_for() {
+            Some(idle) => limit.saturating_sub(idle),
+            None => limit,
+        };
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = draining.changed(), if !closing => {}
+            _ = tokio::time::sleep(wait), if !closing => {
+                if activity.idle_for().is_some_and(|idle| idle >= limit) {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! What runs inside a forkserve worker: the HTTP app, the model, the clustering, and the
+//! worker's side of the master–worker protocol.
+
+pub mod cluster;
+pub mod compute;
+pub mod embedder;
+pub mod http;
+pub mod lifecycle;
+pub mod listener;
+pub mod model;
+pub mod protocol;
+pub mod settings;
+pub mod worker;
+
+pub use embedder::{Embedder, Tokens};
+pub use model::SentenceEncoder;
+pub use worker::{run, WorkerContext};

@@ -1,0 +1,98 @@
+//! all-MiniLM-L6-v2 (or any BERT sentence-transformers model laid out the same way): files on
+//! disk, tokenizer, weights, forward pass, mean pooling and normalisation.
+//!
+//! `SentenceEncoder::load` runs in the master, before fork, and must start no thread: it only
+//! reads files and copies the weights into tensors. Everything that computes runs in workers.
+
+mod files;
+mod tokenizer;
+mod weights;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::bert::BertModel;
+
+use crate::embedder::{EmbedError, Embedder, Tokens};
+pub use files::{LoadError, ModelFiles};
+use tokenizer::SentenceTokenizer;
+
+/// A BERT encoder with sentence-transformers' pooling (attention-masked mean, then L2 norm).
+pub struct SentenceEncoder {
+    bert: BertModel,
+    tokenizer: SentenceTokenizer,
+    dimension: usize,
+    files: ModelFiles,
+}
+
+impl SentenceEncoder {
+    /// Read the model directory: config, tokenizer, and the weights through a memory map.
+    pub fn load(dir: &Path) -> Result<SentenceEncoder, LoadError> {
+        let files = ModelFiles::locate(dir)?;
+        let config = files.bert_config()?;
+        let max_seq_length = files.max_seq_length()?;
+        let tokenizer = SentenceTokenizer::load(&files.tokenizer, max_seq_length)?;
+        let vb = weights::load_var_builder(&files.weights)?;
+        let bert = BertModel::load(vb, &config).map_err(|e| LoadError::Model {
+            path: files.weights.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(SentenceEncoder {
+            bert,
+            tokenizer,
+            dimension: config.hidden_size,
+            files,
+        })
+    }
+
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    fn forward(&self, batch: &[&Tokens]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let device = Device::Cpu;
+        let width = batch.iter().map(|t| t.len()).max().unwrap_or(0);
+        let n = batch.len();
+        // Pad to the longest sentence of this batch only (the tokenizer file's fixed padding to
+        // 128 would cost ~6x the compute on short sentences).
+        let mut ids = vec![0u32; n * width];
+        let mut mask = vec![0f32; n * width];
+        for (row, t) in batch.iter().enumerate() {
+            ids[row * width..row * width + t.len()].copy_from_slice(&t.ids);
+            mask[row * width..row * width + t.len()].fill(1.0);
+        }
+        let ids = Tensor::from_vec(ids, (n, width), &device)?;
+        let mask = Tensor::from_vec(mask, (n, width), &device)?;
+        let token_types = ids.zeros_like()?;
+        let hidden = self.bert.forward(&ids, &token_types, Some(&mask))?;
+
+        // Mean over real tokens only: padded positions are zeroed by the mask.
+        let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
+        let counts = mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
+        let mean = summed.broadcast_div(&counts)?;
+        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        mean.broadcast_div(&norms)?.to_dtype(DType::F32)?.to_vec2()
+    }
+}
+
+impl Embedder for SentenceEncoder {
+    fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.tokenizer.max_len()
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Tokens, EmbedError> {
+        self.tokenizer.encode(text)
+    }
+
+    fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.forward(batch)
+            .map_err(|e| EmbedError::Inference(e.to_string()))
+    }
+}

@@ -1,0 +1,62 @@
+//! Reading `model.safetensors` through a memory map into candle tensors.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+
+use super::files::LoadError;
+
+/// Map the weights file, copy every tensor into an f32 candle tensor, and unmap.
+///
+/// candle's CPU tensors own their storage, so the weights end up on the master's heap. That is
+/// what makes them shared: the master does this before fork and no worker ever writes to those
+/// pages, so N workers share one copy through copy-on-write (measured in the README).
+pub fn load_var_builder(path: &Path) -> Result<VarBuilder<'static>, LoadError> {
+    let invalid = |reason: String| LoadError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(|e| invalid(e.to_string()))?;
+    // SAFETY: the mapping is read-only and lives only inside this function; the tensors are
+    // copied out before it is dropped. A concurrent truncation of the file by another process
+    // would fault (SIGBUS) while we copy; nothing in forkserve writes model files, and a model
+    // being replaced is expected to be swapped in with a rename (which keeps this inode intact).
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| invalid(e.to_string()))?;
+    let tensors = SafeTensors::deserialize(&map).map_err(|e| invalid(e.to_string()))?;
+
+    let mut out = HashMap::new();
+    for (name, view) in tensors.tensors() {
+        let dtype = candle_dtype(view.dtype())
+            .ok_or_else(|| invalid(format!("tensor {name}: unsupported dtype {:?}", view.dtype())))?;
+        let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+            .and_then(|t| match dtype.is_float() {
+                // Half-precision weights are widened: f16/bf16 BERT gave NaN in candle here.
+                true => t.to_dtype(DType::F32),
+                // Integer buffers (e.g. `embeddings.position_ids`) keep their type.
+                false => Ok(t),
+            })
+            .map_err(|e| invalid(format!("tensor {name}: {e}")))?;
+        out.insert(name, tensor);
+    }
+    Ok(VarBuilder::from_tensors(out, DType::F32, &Device::Cpu))
+}
+
+fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    match dtype {
+        S::F32 => Some(DType::F32),
+        S::F16 => Some(DType::F16),
+        S::BF16 => Some(DType::BF16),
+        S::F64 => Some(DType::F64),
+        S::I64 => Some(DType::I64),
+        S::I32 => Some(DType::I32),
+        S::U32 => Some(DType::U32),
+        S::U8 => Some(DType::U8),
+        _ => None,
+    }
+}

@@ -1,0 +1,47 @@
+//! What a worker needs to know from the master's configuration.
+
+use std::time::Duration;
+
+/// Defaults for `POST /cluster` when the request does not say.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterDefaults {
+    /// Cosine similarity at or above which two sentences are neighbours. 0.5 sits in the middle
+    /// of the range (0.241–0.755) where the seed example's 5/4 split holds.
+    pub threshold: f32,
+    pub min_cluster_size: usize,
+}
+
+impl Default for ClusterDefaults {
+    fn default() -> Self {
+        ClusterDefaults {
+            threshold: 0.5,
+            min_cluster_size: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// Compute threads for this worker's inference (created after fork).
+    pub threads: usize,
+    /// Requests after which this worker retires; jitter already added; 0 = never.
+    pub max_requests: u64,
+    /// The master's heartbeat timeout: the worker beats several times within it.
+    pub timeout: Duration,
+    /// How long a draining worker waits for in-flight requests before it gives up.
+    pub graceful_timeout: Duration,
+    /// How long an idle keep-alive connection is kept open.
+    pub keepalive: Duration,
+    /// How long a client may take to send a request's headers (slow-loris guard).
+    pub header_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub max_sentences: usize,
+    /// Padded tokens per forward pass; a request's sentences are batched within it.
+    pub max_batch_tokens: usize,
+    /// Requests that may wait for the compute thread before new ones get 503.
+    pub max_queue: usize,
+    pub cluster: ClusterDefaults,
+    /// Testing only: sleep this long during boot, before the warm-up, so tests can exercise the
+    /// master's `boot_timeout`. Never set in production.
+    pub boot_delay: Duration,
+}
