@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::oneshot;
 
-use crate::embedder::Embedder;
+use crate::embedder::{EmbedError, Embedder, Tokens};
 use crate::protocol::{monotonic_ms, WorkerSlot};
 
 type Job = Box<dyn FnOnce(&dyn Embedder) + Send>;
@@ -69,18 +69,48 @@ fn run_jobs(
     slot: &'static WorkerSlot,
 ) {
     while let Ok(job) = queue.recv() {
-        // busy_since lets the master see a computation that never ends, even though this
-        // worker's I/O loop keeps beating.
+        // busy_since lets the master see a computation that makes no progress, even though
+        // this worker's I/O loop keeps beating. It moves on after every batch, so a long but
+        // progressing request is not mistaken for a hang.
         slot.busy_since_ms.store(monotonic_ms(), Ordering::Release);
+        let embedder = Progress {
+            inner: embedder.as_ref(),
+            slot,
+        };
         // A panic is a bug, but it must cost only the request that hit it, not the worker and
         // every request queued behind it: the job's reply channel is dropped and that request
         // gets a 500.
         let outcome = pool.install(|| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(embedder.as_ref())))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&embedder)))
         });
         if outcome.is_err() {
             tracing::error!("a compute job panicked; its request gets a 500");
         }
         slot.busy_since_ms.store(0, Ordering::Release);
+    }
+}
+
+/// The embedder as jobs see it: every finished batch counts as progress.
+struct Progress<'a> {
+    inner: &'a dyn Embedder,
+    slot: &'static WorkerSlot,
+}
+
+impl Embedder for Progress<'_> {
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+    fn max_tokens(&self) -> usize {
+        self.inner.max_tokens()
+    }
+    fn tokenize(&self, text: &str) -> Result<Tokens, EmbedError> {
+        self.inner.tokenize(text)
+    }
+    fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let out = self.inner.embed_batch(batch);
+        self.slot
+            .busy_since_ms
+            .store(monotonic_ms(), Ordering::Release);
+        out
     }
 }

@@ -61,8 +61,9 @@ pub struct WorkerSlot {
     pub state: AtomicU32,
     /// Last sign of life from the worker's I/O loop, in `monotonic_ms()`.
     pub heartbeat_ms: AtomicU64,
-    /// When the inference in progress started, in `monotonic_ms()`; 0 when idle. Lets the master
-    /// kill a worker stuck inside one computation even though its I/O loop still ticks.
+    /// When the computation in progress last made progress (started, or finished a batch), in
+    /// `monotonic_ms()`; 0 when idle. Lets the master kill a worker stuck inside one computation
+    /// even though its I/O loop still ticks.
     pub busy_since_ms: AtomicU64,
     /// Requests answered by this worker so far.
     pub requests: AtomicU64,

@@ -1,0 +1,99 @@
+//! The model gives sentence-transformers' answers: same token ids, embeddings equal to cosine
+//! >= 0.9999 for every sentence of shared/reference/public.json (long, accented, CJK, emoji,
+//! whitespace-only), and POST /cluster gives the same communities at every listed threshold.
+
+mod support;
+
+use forkserve_worker::embedder::embed_all;
+use forkserve_worker::{Embedder, SentenceEncoder, Tokens};
+use support::*;
+
+fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn as_vec<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> T {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+#[test]
+fn tokens_and_embeddings_match_sentence_transformers() {
+    let reference = reference();
+    let sentences: Vec<String> = as_vec(&reference["sentences"]);
+    let want_ids: Vec<Vec<u32>> = as_vec(&reference["input_ids_truncated"]);
+    let want_counts: Vec<usize> = as_vec(&reference["token_counts"]);
+    let want: Vec<Vec<f64>> = as_vec(&reference["embeddings"]);
+
+    let model = SentenceEncoder::load(&model_dir()).expect("load model");
+    assert_eq!(model.dimension(), 384);
+    assert_eq!(model.max_tokens(), 256);
+    let tokens: Vec<Tokens> = sentences.iter().map(|s| model.tokenize(s).unwrap()).collect();
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(t.ids, want_ids[i], "token ids of sentence {i}: {:?}", sentences[i]);
+        assert_eq!(t.untruncated_len, want_counts[i], "token count of sentence {i}");
+    }
+
+    // As the server batches (sorted by length, token budget), and one sentence at a time.
+    for budget in [8192, 1] {
+        let got = embed_all(&model, &tokens, budget).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let norm: f32 = g.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "sentence {i} not normalised: {norm}");
+            let cos = cosine(g, w);
+            assert!(
+                cos >= 0.9999,
+                "sentence {i} {:?}: cosine {cos} with budget {budget}",
+                sentences[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn cluster_endpoint_matches_reference_communities() {
+    let reference = reference();
+    let sentences: Vec<String> = as_vec(&reference["sentences"]);
+    let communities = reference["community_detection"].as_object().unwrap();
+    assert!(!communities.is_empty());
+    let server = Server::start(&config("workers = 1"), 1);
+    for (threshold, expected) in communities {
+        let body = serde_json::json!({
+            "sentences": sentences,
+            "threshold": threshold.parse::<f64>().unwrap(),
+            "min_cluster_size": 1,
+        });
+        let r = server.post_json("/cluster", &body.to_string());
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let got = r.json();
+        assert_eq!(
+            partition(&got["indices"]),
+            partition(expected),
+            "communities at threshold {threshold}"
+        );
+        // Largest first, and every sentence in exactly one cluster.
+        let sizes: Vec<usize> = got["indices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_array().unwrap().len())
+            .collect();
+        assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), sentences.len());
+        // The text clusters are the index clusters, in input order.
+        for (texts, idx) in got["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(got["indices"].as_array().unwrap())
+        {
+            let idx: Vec<usize> = as_vec(idx);
+            assert!(idx.windows(2).all(|w| w[0] < w[1]));
+            let want: Vec<&str> = idx.iter().map(|&i| sentences[i].as_str()).collect();
+            let texts: Vec<String> = as_vec(texts);
+            assert_eq!(texts, want);
+        }
+    }
+}
