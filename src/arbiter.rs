@@ -99,9 +99,8 @@ impl Arbiter {
         scoreboard: Scoreboard,
         signals: SignalQueue,
     ) -> nix::Result<Arbiter> {
-        let (wake_read, wake_write) = nix::unistd::pipe2(
-            nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC,
-        )?;
+        let (wake_read, wake_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
         Ok(Arbiter {
             config,
             listeners,
@@ -237,9 +236,9 @@ impl Arbiter {
     fn log_exit(&mut self, pid: Pid, worker: &Worker, how: Exit) {
         let lived = worker.spawned_at.elapsed().as_secs_f64();
         if let Some(reason) = worker.stopping {
-            let booted = worker.ready_at.is_some();
-            if reason == StopReason::BootTimeout || (!booted && reason == StopReason::Timeout) {
-                self.boot_failed(pid, "not ready within boot_timeout");
+            if reason == StopReason::BootTimeout {
+                // Counted as a failed boot when it was killed (see murder_workers).
+                tracing::info!(pid = pid.as_raw(), %how, "worker that never booted is gone");
             } else if matches!(reason, StopReason::Timeout) {
                 tracing::error!(pid = pid.as_raw(), %how, "worker timed out and was killed (WORKER TIMEOUT)");
             } else {
@@ -322,7 +321,10 @@ impl Arbiter {
                 overdue.push((pid, None));
                 continue;
             }
-            if matches!(w.stopping, Some(StopReason::Timeout | StopReason::BootTimeout)) {
+            if matches!(
+                w.stopping,
+                Some(StopReason::Timeout | StopReason::BootTimeout)
+            ) {
                 continue; // already killed, waiting to be reaped
             }
             let slot = self.scoreboard.slot(w.slot);
@@ -333,7 +335,9 @@ impl Arbiter {
                 WorkerState::Booting | WorkerState::Free => None,
                 _ => {
                     let beat = slot.heartbeat_ms.load(std::sync::atomic::Ordering::Acquire);
-                    let busy = slot.busy_since_ms.load(std::sync::atomic::Ordering::Acquire);
+                    let busy = slot
+                        .busy_since_ms
+                        .load(std::sync::atomic::Ordering::Acquire);
                     let silent = now_ms.saturating_sub(beat) > timeout_ms;
                     let stuck = busy != 0 && now_ms.saturating_sub(busy) > timeout_ms;
                     (silent || stuck).then_some(StopReason::Timeout)
@@ -349,11 +353,19 @@ impl Arbiter {
                     w.stopping = Some(r);
                     tracing::error!(pid = pid.as_raw(), reason = r.describe(), "killing worker");
                 } else {
-                    tracing::warn!(pid = pid.as_raw(), "worker did not stop within graceful_timeout; killing it");
+                    tracing::warn!(
+                        pid = pid.as_raw(),
+                        "worker did not stop within graceful_timeout; killing it"
+                    );
                 }
                 w.kill_at = None;
             }
             self.kill_worker(pid, Signal::SIGKILL);
+            if reason == Some(StopReason::BootTimeout) {
+                // Count it now, not when it is reaped: the backoff (or giving up) must apply
+                // before manage_workers forks a replacement on this same turn.
+                self.boot_failed(pid, "not ready within boot_timeout");
+            }
         }
     }
 
@@ -499,7 +511,11 @@ impl Arbiter {
             // itself rather than being killed at the same instant.
             w.kill_at = Some(Instant::now() + grace + Duration::from_millis(500));
         }
-        tracing::info!(pid = pid.as_raw(), reason = reason.describe(), "stopping worker");
+        tracing::info!(
+            pid = pid.as_raw(),
+            reason = reason.describe(),
+            "stopping worker"
+        );
         self.kill_worker(pid, Signal::SIGTERM);
     }
 
@@ -523,13 +539,20 @@ impl Arbiter {
         }
         let grace = secs(self.config.graceful_timeout);
         let kill_at = Instant::now() + grace + Duration::from_millis(500);
-        let exit_code = self.shutdown.as_ref().map_or(exit_code, |s| s.exit_code.max(exit_code));
+        let exit_code = self
+            .shutdown
+            .as_ref()
+            .map_or(exit_code, |s| s.exit_code.max(exit_code));
         self.shutdown = Some(Shutdown {
             graceful,
             exit_code,
             kill_at,
         });
-        let sig = if graceful { Signal::SIGTERM } else { Signal::SIGQUIT };
+        let sig = if graceful {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGQUIT
+        };
         let pids: Vec<Pid> = self.workers.keys().copied().collect();
         for pid in pids {
             if let Some(w) = self.workers.get_mut(&pid) {
@@ -555,7 +578,10 @@ impl Arbiter {
             shutdown.kill_at = now + MAX_SLEEP;
             let pids: Vec<Pid> = self.workers.keys().copied().collect();
             for pid in pids {
-                tracing::warn!(pid = pid.as_raw(), "worker still running after graceful_timeout; killing it");
+                tracing::warn!(
+                    pid = pid.as_raw(),
+                    "worker still running after graceful_timeout; killing it"
+                );
                 self.kill_worker(pid, Signal::SIGKILL);
             }
         }
@@ -587,6 +613,8 @@ pub fn assert_single_threaded() -> Result<(), String> {
     if count == 1 {
         Ok(())
     } else {
-        Err(format!("the master has {count} threads; it must have 1 before fork"))
+        Err(format!(
+            "the master has {count} threads; it must have 1 before fork"
+        ))
     }
 }

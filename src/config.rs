@@ -214,9 +214,14 @@ impl Config {
         };
         apply_env(&mut table, env)?;
         let origin = path.map_or(DEFAULT_CONFIG_PATH.to_string(), |p| p.display().to_string());
-        let mut config: Config = table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::new(origin, e.message().to_string()))?;
+        // serde_path_to_error names the key that failed ("workers", "model.path"); a key
+        // unknown at the top level has no path, so the file is named instead.
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let key = if path == "." { origin } else { path };
+                ConfigError::new(key, e.into_inner().message().to_string())
+            })?;
         config.apply(overrides);
         config.validate()?;
         Ok(config)
@@ -270,7 +275,11 @@ impl Config {
         fn seconds(key: &str, v: f64, allow_zero: bool) -> Result<(), ConfigError> {
             let ok = v.is_finite() && (v > 0.0 || (allow_zero && v == 0.0)) && v <= 86_400.0;
             if !ok {
-                let what = if allow_zero { "0 or more" } else { "more than 0" };
+                let what = if allow_zero {
+                    "0 or more"
+                } else {
+                    "more than 0"
+                };
                 return Err(ConfigError::new(
                     key,
                     format!("must be a number of seconds, {what} and at most 86400, got {v}"),
@@ -305,7 +314,12 @@ impl Config {
                 format!("must be in (0, 1], got {}", self.cluster.threshold),
             ));
         }
-        range("cluster.min_cluster_size", self.cluster.min_cluster_size, 1, 100_000)?;
+        range(
+            "cluster.min_cluster_size",
+            self.cluster.min_cluster_size,
+            1,
+            100_000,
+        )?;
         if !["trace", "debug", "info", "warn", "error"].contains(&self.log.level.as_str()) {
             return Err(ConfigError::new(
                 "log.level",
@@ -461,7 +475,9 @@ mod tests {
     #[test]
     fn wrong_type_is_named() {
         let e = from_str("workers = \"two\"\n").unwrap_err();
-        assert!(e.reason.contains("workers"), "{e}");
+        assert_eq!(e.key, "workers", "{e}");
+        let e = from_str("[model]\npath = 3\n").unwrap_err();
+        assert_eq!(e.key, "model.path", "{e}");
     }
 
     #[test]
@@ -483,9 +499,15 @@ mod tests {
 
     #[test]
     fn bind_accepts_one_or_many() {
-        assert_eq!(from_str("bind = \"127.0.0.1:9\"").unwrap().bind, vec!["127.0.0.1:9"]);
         assert_eq!(
-            from_str("bind = [\"127.0.0.1:9\", \"unix:/tmp/x.sock\"]").unwrap().bind.len(),
+            from_str("bind = \"127.0.0.1:9\"").unwrap().bind,
+            vec!["127.0.0.1:9"]
+        );
+        assert_eq!(
+            from_str("bind = [\"127.0.0.1:9\", \"unix:/tmp/x.sock\"]")
+                .unwrap()
+                .bind
+                .len(),
             2
         );
     }

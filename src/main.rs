@@ -87,9 +87,10 @@ fn start(config: Config, started: Instant) -> Result<i32, (u8, String)> {
     let scoreboard = scoreboard::Scoreboard::new(2 * config::MAX_WORKERS)
         .map_err(|e| (EXIT_FAILURE, format!("cannot map the scoreboard: {e}")))?;
     let _pidfile = match &config.pidfile {
-        Some(path) => Some(pidfile::Pidfile::create(path).map_err(|e| {
-            (EXIT_FAILURE, format!("pidfile: {}: {e}", path.display()))
-        })?),
+        Some(path) => Some(
+            pidfile::Pidfile::create(path)
+                .map_err(|e| (EXIT_FAILURE, format!("pidfile: {}: {e}", path.display())))?,
+        ),
         None => None,
     };
     tracing::info!(

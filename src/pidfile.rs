@@ -24,8 +24,8 @@ impl Pidfile {
 
 impl Drop for Pidfile {
     fn drop(&mut self) {
-        let ours = std::fs::read_to_string(&self.path)
-            .is_ok_and(|s| s.trim() == self.pid.to_string());
+        let ours =
+            std::fs::read_to_string(&self.path).is_ok_and(|s| s.trim() == self.pid.to_string());
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }

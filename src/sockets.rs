@@ -68,9 +68,8 @@ pub fn bind_all(addresses: &[String], backlog: u32) -> io::Result<Vec<Bound>> {
                     ));
                 }
                 for sa in resolved {
-                    let listener = bind_tcp(sa, backlog).map_err(|e| {
-                        io::Error::new(e.kind(), format!("cannot bind {sa}: {e}"))
-                    })?;
+                    let listener = bind_tcp(sa, backlog)
+                        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {sa}: {e}")))?;
                     let name = format!("http://{}", listener.local_addr()?);
                     out.push(Bound {
                         socket: BoundSocket::Tcp(listener),
@@ -80,7 +79,10 @@ pub fn bind_all(addresses: &[String], backlog: u32) -> io::Result<Vec<Bound>> {
             }
             BindAddress::Unix(path) => {
                 let listener = bind_unix(&path, backlog).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot bind unix:{}: {e}", path.display()))
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot bind unix:{}: {e}", path.display()),
+                    )
                 })?;
                 out.push(Bound {
                     socket: BoundSocket::Unix(listener),
@@ -126,9 +128,18 @@ mod tests {
 
     #[test]
     fn parses_the_forms_ops_write() {
-        assert!(matches!(BindAddress::parse("127.0.0.1:8000"), Ok(BindAddress::Tcp(_))));
-        assert!(matches!(BindAddress::parse("[::1]:8000"), Ok(BindAddress::Tcp(_))));
-        assert!(matches!(BindAddress::parse("localhost:8000"), Ok(BindAddress::Tcp(_))));
+        assert!(matches!(
+            BindAddress::parse("127.0.0.1:8000"),
+            Ok(BindAddress::Tcp(_))
+        ));
+        assert!(matches!(
+            BindAddress::parse("[::1]:8000"),
+            Ok(BindAddress::Tcp(_))
+        ));
+        assert!(matches!(
+            BindAddress::parse("localhost:8000"),
+            Ok(BindAddress::Tcp(_))
+        ));
         assert_eq!(
             BindAddress::parse("unix:/run/forkserve.sock"),
             Ok(BindAddress::Unix("/run/forkserve.sock".into()))

@@ -62,7 +62,10 @@ fn health_answers_with_the_worker_pid() {
     let r = server.get("/health");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["status"], "ok");
-    assert_eq!(server.worker_pids().into_iter().collect::<Vec<_>>(), vec![r.worker_pid()]);
+    assert_eq!(
+        server.worker_pids().into_iter().collect::<Vec<_>>(),
+        vec![r.worker_pid()]
+    );
 }
 
 struct Case {
@@ -101,7 +104,12 @@ fn bad_input_gets_a_clear_error_and_no_worker_dies() {
         case("not an object", "[\"a\"]", 422, "body"),
         case("missing field", "{}", 422, "sentences"),
         case("wrong type", "{\"sentences\": \"one\"}", 422, "sentences"),
-        case("wrong item type", "{\"sentences\": [\"a\", 7]}", 422, "sentences[1]"),
+        case(
+            "wrong item type",
+            "{\"sentences\": [\"a\", 7]}",
+            422,
+            "sentences[1]",
+        ),
         case("empty list", "{\"sentences\": []}", 422, "sentences"),
         case(
             "too many sentences",
@@ -127,7 +135,12 @@ fn bad_input_gets_a_clear_error_and_no_worker_dies() {
             422,
             "algorithm",
         ),
-        case("unknown field", "{\"sentences\": [\"a\"], \"treshold\": 0.4}", 422, "treshold"),
+        case(
+            "unknown field",
+            "{\"sentences\": [\"a\"], \"treshold\": 0.4}",
+            422,
+            "treshold",
+        ),
         case(
             "deeply nested JSON",
             &format!("{}{}", "[".repeat(2000), "]".repeat(2000)),
@@ -173,7 +186,13 @@ fn bad_input_gets_a_clear_error_and_no_worker_dies() {
         }
         let r = request(server.port, c.method, c.path, &headers, &c.body)
             .unwrap_or_else(|e| panic!("{}: {e}", c.what));
-        assert_eq!(r.status, c.status, "{}: {}", c.what, String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            c.status,
+            "{}: {}",
+            c.what,
+            String::from_utf8_lossy(&r.body)
+        );
         let body = r.json();
         let message = body["error"].as_str().unwrap_or_default();
         assert!(
@@ -203,9 +222,17 @@ fn bad_input_gets_a_clear_error_and_no_worker_dies() {
     std::io::Write::write_all(&mut raw, b"GARBAGE / HTTP/9.9\r\n\r\n").unwrap();
     let mut reader = std::io::BufReader::new(raw);
     if let Ok(r) = read_response(&mut reader) {
-        assert!((400..500).contains(&r.status), "malformed HTTP got {}", r.status);
+        assert!(
+            (400..500).contains(&r.status),
+            "malformed HTTP got {}",
+            r.status
+        );
     }
 
-    assert_eq!(server.worker_pids(), pids_before, "a worker died on bad input");
+    assert_eq!(
+        server.worker_pids(),
+        pids_before,
+        "a worker died on bad input"
+    );
     assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
 }

@@ -30,10 +30,20 @@ fn tokens_and_embeddings_match_sentence_transformers() {
     let model = SentenceEncoder::load(&model_dir()).expect("load model");
     assert_eq!(model.dimension(), 384);
     assert_eq!(model.max_tokens(), 256);
-    let tokens: Vec<Tokens> = sentences.iter().map(|s| model.tokenize(s).unwrap()).collect();
+    let tokens: Vec<Tokens> = sentences
+        .iter()
+        .map(|s| model.tokenize(s).unwrap())
+        .collect();
     for (i, t) in tokens.iter().enumerate() {
-        assert_eq!(t.ids, want_ids[i], "token ids of sentence {i}: {:?}", sentences[i]);
-        assert_eq!(t.untruncated_len, want_counts[i], "token count of sentence {i}");
+        assert_eq!(
+            t.ids, want_ids[i],
+            "token ids of sentence {i}: {:?}",
+            sentences[i]
+        );
+        assert_eq!(
+            t.untruncated_len, want_counts[i],
+            "token count of sentence {i}"
+        );
     }
 
     // As the server batches (sorted by length, token budget), and one sentence at a time.
@@ -41,7 +51,10 @@ fn tokens_and_embeddings_match_sentence_transformers() {
         let got = embed_all(&model, &tokens, budget).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let norm: f32 = g.iter().map(|x| x * x).sum::<f32>().sqrt();
-            assert!((norm - 1.0).abs() < 1e-4, "sentence {i} not normalised: {norm}");
+            assert!(
+                (norm - 1.0).abs() < 1e-4,
+                "sentence {i} not normalised: {norm}"
+            );
             let cos = cosine(g, w);
             assert!(
                 cos >= 0.9999,

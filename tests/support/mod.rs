@@ -160,8 +160,14 @@ impl Server {
     }
 
     pub fn post_json(&self, path: &str, body: &str) -> Response {
-        request(self.port, "POST", path, &[("Content-Type", "application/json")], body.as_bytes())
-            .expect("request")
+        request(
+            self.port,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .expect("request")
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -185,7 +191,10 @@ impl Server {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!("master did not exit in {timeout:?}; log:\n{}", self.log_text());
+                panic!(
+                    "master did not exit in {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -295,9 +304,8 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn worker_pid(&self) -> i32 {
         self.header("x-worker-pid")

@@ -118,11 +118,7 @@ mod tests {
     fn overlapping_proposals_are_resolved_largest_first() {
         // 1 is close to both 0 and 2, which are not close to each other: 1's proposal {0,1,2}
         // is the largest and wins.
-        let e = vec![
-            unit(&[1.0, 0.0]),
-            unit(&[1.0, 1.0]),
-            unit(&[0.0, 1.0]),
-        ];
+        let e = vec![unit(&[1.0, 0.0]), unit(&[1.0, 1.0]), unit(&[0.0, 1.0])];
         let c = community_detection(&e, 0.7, 1);
         assert_eq!(c.clusters, vec![vec![0, 1, 2]]);
     }

@@ -3,9 +3,9 @@
 //! Jobs queue in a bounded channel; when it is full the request is refused (503) rather than
 //! piling up latency without limit.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio::sync::oneshot;
 
@@ -80,9 +80,8 @@ fn run_jobs(
         // A panic is a bug, but it must cost only the request that hit it, not the worker and
         // every request queued behind it: the job's reply channel is dropped and that request
         // gets a 500.
-        let outcome = pool.install(|| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&embedder)))
-        });
+        let outcome = pool
+            .install(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&embedder))));
         if outcome.is_err() {
             tracing::error!("a compute job panicked; its request gets a 500");
         }

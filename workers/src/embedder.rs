@@ -169,7 +169,10 @@ mod tests {
         let input = toks(&[10; 25]);
         embed_all(&rec, &input, 100).unwrap();
         let batches = rec.0.into_inner().unwrap();
-        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10, 5]);
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
         for b in &batches {
             assert!(b.iter().max().unwrap() * b.len() <= 100);
         }

@@ -40,7 +40,10 @@ impl Lifecycle {
     }
 
     pub fn ready(&self) {
-        if self.slot.transition(WorkerState::Booting, WorkerState::Ready) {
+        if self
+            .slot
+            .transition(WorkerState::Booting, WorkerState::Ready)
+        {
             self.wake_master();
         }
     }
@@ -57,7 +60,9 @@ impl Lifecycle {
         let served = self.slot.requests.fetch_add(1, Ordering::AcqRel) + 1;
         if self.max_requests > 0
             && served >= self.max_requests
-            && self.slot.transition(WorkerState::Ready, WorkerState::Retiring)
+            && self
+                .slot
+                .transition(WorkerState::Ready, WorkerState::Retiring)
         {
             tracing::info!(
                 requests = served,

@@ -102,7 +102,8 @@ impl WorkerSlot {
         self.requests.store(0, Ordering::Relaxed);
         self.in_flight.store(0, Ordering::Relaxed);
         self.connections.store(0, Ordering::Relaxed);
-        self.state.store(WorkerState::Booting as u32, Ordering::Release);
+        self.state
+            .store(WorkerState::Booting as u32, Ordering::Release);
     }
 }
 

@@ -106,30 +106,26 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
     let (stop_tx, mut stop_rx) = watch::channel::<Option<Stop>>(None);
 
     lifecycle.beat();
-    tokio::spawn(heartbeat(lifecycle.clone(), settings.timeout, master_pid, stop_tx.clone()));
+    tokio::spawn(heartbeat(
+        lifecycle.clone(),
+        settings.timeout,
+        master_pid,
+        stop_tx.clone(),
+    ));
     if let Err(e) = watch_signals(stop_tx.clone()) {
         tracing::error!(error = %e, "cannot install signal handlers");
         return WORKER_BOOT_ERROR;
     }
 
-    if !settings.boot_delay.is_zero() {
-        tracing::warn!(delay = ?settings.boot_delay, "testing: delaying boot (boot_delay)");
-        tokio::time::sleep(settings.boot_delay).await;
-    }
-    let compute = match Compute::start(embedder, pool, slot, settings.max_queue) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the compute thread");
-            return WORKER_BOOT_ERROR;
-        }
+    // Booting can take a while (and, in tests, be made to hang): a stop signal during it must
+    // still be obeyed at once.
+    let compute = tokio::select! {
+        booted = boot(embedder, pool, slot, &settings) => match booted {
+            Ok(compute) => compute,
+            Err(code) => return code,
+        },
+        _ = stop_rx.wait_for(Option::is_some) => return 0,
     };
-    // One real inference before accepting: pages in the weights this process touches, fills
-    // allocator pools, and proves the model works here before any client depends on it.
-    if let Err(e) = warm_up(&compute).await {
-        tracing::error!(error = %e, "warm-up inference failed");
-        return APP_LOAD_ERROR;
-    }
-
     let (drain_tx, drain_rx) = watch::channel(false);
     let connections = Connections::new(slot);
     let app = Arc::new(App::new(compute, settings.clone(), lifecycle.clone()));
@@ -184,11 +180,39 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
     0
 }
 
+/// Start the compute thread and prove the model works here with one real inference: it also
+/// pages in the weights this process touches and fills the allocator's pools before any client
+/// depends on them.
+async fn boot(
+    embedder: Arc<dyn Embedder>,
+    pool: rayon::ThreadPool,
+    slot: &'static WorkerSlot,
+    settings: &WorkerSettings,
+) -> Result<Compute, i32> {
+    if !settings.boot_delay.is_zero() {
+        tracing::warn!(delay = ?settings.boot_delay, "testing: delaying boot (boot_delay)");
+        tokio::time::sleep(settings.boot_delay).await;
+    }
+    let compute = Compute::start(embedder, pool, slot, settings.max_queue).map_err(|e| {
+        tracing::error!(error = %e, "cannot start the compute thread");
+        WORKER_BOOT_ERROR
+    })?;
+    warm_up(&compute).await.map_err(|e| {
+        tracing::error!(error = %e, "warm-up inference failed");
+        APP_LOAD_ERROR
+    })?;
+    Ok(compute)
+}
+
 async fn warm_up(compute: &Compute) -> Result<(), String> {
     compute
         .run(|embedder| {
-            let tokens = embedder.tokenize("forkserve warm-up").map_err(|e| e.to_string())?;
-            embedder.embed_batch(&[&tokens]).map_err(|e| e.to_string())?;
+            let tokens = embedder
+                .tokenize("forkserve warm-up")
+                .map_err(|e| e.to_string())?;
+            embedder
+                .embed_batch(&[&tokens])
+                .map_err(|e| e.to_string())?;
             Ok::<(), String>(())
         })
         .await

@@ -162,7 +162,9 @@ async fn read_json(req: Request<Incoming>, max_bytes: usize) -> Result<Value, Ap
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let too_large = ApiError::PayloadTooLarge { limit: max_bytes };
-    if announced.is_some_and(|n| n > max_bytes as u64) || req.body().size_hint().lower() > max_bytes as u64 {
+    if announced.is_some_and(|n| n > max_bytes as u64)
+        || req.body().size_hint().lower() > max_bytes as u64
+    {
         return Err(too_large);
     }
     let bytes = Limited::new(req.into_body(), max_bytes)
@@ -191,7 +193,12 @@ fn require_json_content_type(req: &Request<Incoming>) -> Result<(), ApiError> {
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let media_type = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let media_type = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if media_type == "application/json" || media_type.ends_with("+json") {
         Ok(())
     } else if media_type.is_empty() {

@@ -14,13 +14,20 @@ pub enum ApiError {
     /// The body is not UTF-8.
     InvalidUtf8(String),
     /// Valid JSON with a missing field, a wrong type or an impossible value; names the field.
-    Validation { field: String, message: String },
+    Validation {
+        field: String,
+        message: String,
+    },
     /// Body larger than `max_body_bytes`.
-    PayloadTooLarge { limit: usize },
+    PayloadTooLarge {
+        limit: usize,
+    },
     /// The request does not say it carries JSON.
     UnsupportedMediaType(String),
     /// The path exists, the method does not.
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed {
+        allow: &'static str,
+    },
     NotFound(String),
     /// The worker's queue is full (or it is shutting down): try again shortly.
     Overloaded(String),

@@ -50,7 +50,10 @@ pub fn parse_cluster_request(
     defaults: &ClusterDefaults,
 ) -> Result<ClusterRequest, ApiError> {
     let obj = as_object(body)?;
-    reject_unknown(&obj, &["sentences", "threshold", "min_cluster_size", "algorithm"])?;
+    reject_unknown(
+        &obj,
+        &["sentences", "threshold", "min_cluster_size", "algorithm"],
+    )?;
 
     let sentences = string_list(&obj, "sentences", limits.max_sentences)?;
     let threshold = match obj.get("threshold") {
@@ -82,16 +85,12 @@ pub fn parse_cluster_request(
     };
     let algorithm = match obj.get("algorithm") {
         None | Some(Value::Null) => ALGORITHMS[0],
-        Some(Value::String(s)) => ALGORITHMS
-            .iter()
-            .copied()
-            .find(|a| a == s)
-            .ok_or_else(|| {
-                ApiError::validation(
-                    "algorithm",
-                    format!("unknown algorithm {s:?}; expected one of {ALGORITHMS:?}"),
-                )
-            })?,
+        Some(Value::String(s)) => ALGORITHMS.iter().copied().find(|a| a == s).ok_or_else(|| {
+            ApiError::validation(
+                "algorithm",
+                format!("unknown algorithm {s:?}; expected one of {ALGORITHMS:?}"),
+            )
+        })?,
         Some(v) => return Err(wrong_type("algorithm", "a string", v)),
     };
     Ok(ClusterRequest {
@@ -191,7 +190,10 @@ mod tests {
     #[test]
     fn each_error_names_its_field() {
         assert_eq!(field_of(parse(json!({})).unwrap_err()), "sentences");
-        assert_eq!(field_of(parse(json!({"sentences": []})).unwrap_err()), "sentences");
+        assert_eq!(
+            field_of(parse(json!({"sentences": []})).unwrap_err()),
+            "sentences"
+        );
         assert_eq!(
             field_of(parse(json!({"sentences": ["a", 1]})).unwrap_err()),
             "sentences[1]"
@@ -234,7 +236,9 @@ mod tests {
     #[test]
     fn threshold_one_is_allowed() {
         assert_eq!(
-            parse(json!({"sentences": ["a"], "threshold": 1})).unwrap().threshold,
+            parse(json!({"sentences": ["a"], "threshold": 1}))
+                .unwrap()
+                .threshold,
             1.0
         );
     }

@@ -31,8 +31,12 @@ pub fn load_var_builder(path: &Path) -> Result<VarBuilder<'static>, LoadError> {
 
     let mut out = HashMap::new();
     for (name, view) in tensors.tensors() {
-        let dtype = candle_dtype(view.dtype())
-            .ok_or_else(|| invalid(format!("tensor {name}: unsupported dtype {:?}", view.dtype())))?;
+        let dtype = candle_dtype(view.dtype()).ok_or_else(|| {
+            invalid(format!(
+                "tensor {name}: unsupported dtype {:?}",
+                view.dtype()
+            ))
+        })?;
         let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
             .and_then(|t| match dtype.is_float() {
                 // Half-precision weights are widened: f16/bf16 BERT gave NaN in candle here.

@@ -1,0 +1,330 @@
+//! The master supervises like gunicorn's arbiter: recycling without loss, hung workers killed,
+//! boot failures bounded, graceful and fast stops, crashes replaced, bad configs refused.
+//! Real binary, real model, real signals.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::*;
+
+/// Wait until `pred` holds, polling; panic with `what` after `timeout`.
+fn eventually(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn recycling_after_max_requests_drops_no_request() {
+    let server = Server::start(&config("workers = 2\nmax_requests = 20"), 2);
+    let first_pids = server.worker_pids();
+    let body = json!({"sentences": ["The Art of Dog Walking", "Learn The Art of Public Speaking"]})
+        .to_string();
+
+    // 300 requests, 8 clients at a time, each on a keep-alive connection it reopens only when
+    // the server says `Connection: close`. No retries: any dropped request is a failure.
+    let next = Arc::new(Mutex::new(0usize));
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (next, seen, failures, body) =
+                (next.clone(), seen.clone(), failures.clone(), body.clone());
+            let port = server.port;
+            std::thread::spawn(move || {
+                let mut conn: Option<Connection> = None;
+                loop {
+                    {
+                        let mut n = next.lock().unwrap();
+                        if *n >= 300 {
+                            return;
+                        }
+                        *n += 1;
+                    }
+                    if conn.as_ref().is_none_or(|c| c.closed_by_server) {
+                        conn = Some(Connection::open(port).expect("connect"));
+                    }
+                    let c = conn.as_mut().unwrap();
+                    let headers = [("Content-Type", "application/json")];
+                    match c.send("POST", "/cluster", &headers, body.as_bytes(), true) {
+                        Ok(r) if r.status == 200 => {
+                            seen.lock().unwrap().insert(r.worker_pid());
+                        }
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("status {}", r.status)),
+                        Err(e) => {
+                            failures.lock().unwrap().push(e.to_string());
+                            conn = None;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "failed requests: {failures:?}\n{}",
+        server.log_text()
+    );
+    let seen = seen.lock().unwrap();
+    // 300 requests at 20 per worker: many generations of workers answered.
+    assert!(
+        seen.len() >= 8,
+        "only {} distinct workers answered: {seen:?}",
+        seen.len()
+    );
+    assert!(seen.iter().any(|p| !first_pids.contains(p)));
+    let log = server.log_text();
+    assert!(log.contains("reached max_requests"), "{log}");
+    assert!(log.contains("retired after max_requests"), "{log}");
+    // The pool is back to two workers.
+    eventually("two workers", Duration::from_secs(10), || {
+        server.worker_pids().len() == 2
+    });
+}
+
+#[test]
+fn a_hung_worker_is_killed_after_timeout_and_replaced() {
+    let server = Server::start(&config("workers = 2\ntimeout = 2"), 2);
+    let pids = server.worker_pids();
+    let victim = *pids.iter().next().unwrap();
+    send_signal(victim, "STOP");
+    let stopped_at = Instant::now();
+    server.wait_log(
+        "the hung worker to be killed",
+        Duration::from_secs(10),
+        |log| log.contains(&format!("killing worker pid={victim}")),
+    );
+    let waited = stopped_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "killed too early: {waited:?}"
+    );
+    eventually("a replacement", Duration::from_secs(10), || {
+        let now = server.worker_pids();
+        now.len() == 2 && !now.contains(&victim)
+    });
+    server.wait_log(
+        "the replacement to be ready",
+        Duration::from_secs(10),
+        |log| count(log, "worker ready") >= 3,
+    );
+    for _ in 0..4 {
+        assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+    }
+}
+
+/// About two seconds of work on this machine: 256 distinct short sentences.
+fn slow_body() -> String {
+    let sentences: Vec<String> = (0..256)
+        .map(|i| format!("sentence number {i} about walking dogs and speaking in public"))
+        .collect();
+    json!({ "sentences": sentences }).to_string()
+}
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish() {
+    let mut server = Server::start(&config("workers = 1\ngraceful_timeout = 30"), 1);
+    let worker = *server.worker_pids().iter().next().unwrap();
+    let idle_ticks = cpu_ticks(worker);
+    let port = server.port;
+    let slow = std::thread::spawn(move || {
+        let body = slow_body();
+        request(
+            port,
+            "POST",
+            "/cluster",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    });
+    // Once the worker has burnt 0.2 s of CPU on it, the request is in flight: stop the server.
+    eventually(
+        "the request to be in flight",
+        Duration::from_secs(10),
+        || cpu_ticks(worker) >= idle_ticks + 20,
+    );
+    server.signal("TERM");
+    let response = slow
+        .join()
+        .unwrap()
+        .expect("the in-flight request gets its response");
+    assert_eq!(response.status, 200);
+    assert!(
+        response.closes(),
+        "a draining worker says Connection: close"
+    );
+    let clustered: usize = response.json()["indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_array().unwrap().len())
+        .sum();
+    assert_eq!(clustered, 256);
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", server.log_text());
+    assert!(server.log_text().contains("graceful stop"));
+}
+
+/// CPU time (user + system, in clock ticks) a process has used, from /proc/PID/stat.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    // After the command name: state(0) ... utime(11) stime(12).
+    fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0)
+}
+
+#[test]
+fn sigint_stops_fast() {
+    let mut server = Server::start(&config("workers = 2\ngraceful_timeout = 60"), 2);
+    let workers = server.worker_pids();
+    let t = Instant::now();
+    server.signal("INT");
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "fast stop took {:?}",
+        t.elapsed()
+    );
+    for pid in workers {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} left behind"
+        );
+    }
+}
+
+#[test]
+fn a_worker_that_never_boots_is_killed_at_boot_timeout_and_the_master_gives_up() {
+    let mut server = Server::spawn(
+        &config("workers = 1\nboot_timeout = 1\nmax_boot_failures = 2\ntimeout = 30\n[testing]\nboot_delay = 30"),
+        &[],
+    );
+    let status = server.wait_exit(Duration::from_secs(20));
+    let log = server.log_text();
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert_eq!(count(&log, "not ready within boot_timeout"), 2, "{log}");
+    assert!(log.contains("giving up"), "{log}");
+    assert!(
+        !log.contains("heartbeat timeout"),
+        "boot must use its own clock: {log}"
+    );
+}
+
+#[test]
+fn boot_timeout_is_separate_from_timeout() {
+    // Booting takes 2 s, longer than the 1 s heartbeat timeout but within boot_timeout.
+    let server = Server::start(
+        &config("workers = 1\ntimeout = 1\nboot_timeout = 10\n[testing]\nboot_delay = 2"),
+        1,
+    );
+    assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+    assert!(!server.log_text().contains("killing worker"));
+}
+
+#[test]
+fn a_crashed_worker_is_replaced_at_once() {
+    let server = Server::start(&config("workers = 2"), 2);
+    let victim = *server.worker_pids().iter().next().unwrap();
+    send_signal(victim, "KILL");
+    server.wait_log("the crash to be logged", Duration::from_secs(5), |log| {
+        log.contains("perhaps out of memory")
+    });
+    server.wait_log("a replacement", Duration::from_secs(10), |log| {
+        count(log, "worker ready") >= 3
+    });
+    assert_eq!(server.worker_pids().len(), 2);
+    assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+}
+
+#[test]
+fn workers_leave_when_the_master_dies() {
+    let server = Server::start(&config("workers = 2"), 2);
+    let workers = server.worker_pids();
+    send_signal(server.pid(), "KILL");
+    let t = Instant::now();
+    eventually("orphaned workers to exit", Duration::from_secs(5), || {
+        workers.iter().all(|pid| {
+            !std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z"))
+        })
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_bad_config_is_refused_naming_the_key() {
+    let dir = TempDir::new("badconf");
+    for (text, mentions) in [
+        ("wrokers = 2\n", "wrokers"),
+        ("workers = \"two\"\n", "workers"),
+        ("workers = 0\n", "workers"),
+        ("timeout = -1\n", "timeout"),
+        (
+            "[model]\npath = \"/nonexistent/model\"\n",
+            "/nonexistent/model",
+        ),
+    ] {
+        let conf = dir.path("bad.toml");
+        std::fs::write(&conf, format!("bind = \"127.0.0.1:0\"\n{text}")).unwrap();
+        let out = Command::new(BIN).arg("-c").arg(&conf).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {stderr}");
+        assert!(stderr.contains(mentions), "{text}: {stderr}");
+    }
+    // --check-config says the same without starting anything.
+    let conf = dir.path("good.toml");
+    std::fs::write(&conf, config("workers = 3")).unwrap();
+    let out = Command::new(BIN)
+        .arg("--check-config")
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["--check-config", "-c"])
+        .arg(&conf)
+        .args(["--model", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn flags_override_the_file() {
+    let mut server = Server::spawn(&config("workers = 1"), &["-w", "3"]);
+    server.wait_ready(3);
+    assert_eq!(server.worker_pids().len(), 3);
+}
