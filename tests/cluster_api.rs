@@ -236,3 +236,25 @@ fn bad_input_gets_a_clear_error_and_no_worker_dies() {
     );
     assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
 }
+
+#[test]
+fn a_client_that_never_finishes_its_headers_is_dropped() {
+    let server = Server::start(&config("workers = 1\nheader_timeout = 1"), 1);
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    std::io::Write::write_all(&mut slow, b"POST /cluster HTTP/1.1\r\nHost: x\r\n").unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // Meanwhile the worker serves others.
+    assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    // The server ends the connection (possibly after a 408): the read sees EOF, not a timeout.
+    let read = std::io::Read::read_to_end(&mut slow, &mut buf);
+    assert!(read.is_ok(), "connection not closed: {read:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}

@@ -328,3 +328,24 @@ fn flags_override_the_file() {
     server.wait_ready(3);
     assert_eq!(server.worker_pids().len(), 3);
 }
+
+#[test]
+fn ttin_and_ttou_change_the_worker_count() {
+    let server = Server::start(&config("workers = 1"), 1);
+    server.signal("TTIN");
+    eventually("two workers", Duration::from_secs(10), || {
+        server.worker_pids().len() == 2
+    });
+    server.wait_log("the new worker", Duration::from_secs(10), |log| {
+        count(log, "worker ready") >= 2
+    });
+    server.signal("TTOU");
+    eventually("one worker", Duration::from_secs(10), || {
+        server.worker_pids().len() == 1
+    });
+    // Never below one.
+    server.signal("TTOU");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(server.worker_pids().len(), 1);
+    assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+}

