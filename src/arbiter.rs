@@ -10,16 +10,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkserve_worker::listener::BoundSocket;
+use forkserve_worker::model::ModelIdentity;
 use forkserve_worker::protocol::{monotonic_ms, WorkerState, APP_LOAD_ERROR, WORKER_BOOT_ERROR};
-use forkserve_worker::{Embedder, WorkerContext};
+use forkserve_worker::{Embedder, SentenceEncoder, WorkerContext};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
-use crate::config::{secs, Config};
+use crate::config::{secs, Config, ConfigSource};
+use crate::pidfile::Pidfile;
+use crate::reexec::Invocation;
 use crate::scoreboard::Scoreboard;
 use crate::signals::SignalQueue;
+use crate::sockets::Bound;
 
 /// Exit code when workers keep failing to boot (gunicorn's `WORKER_BOOT_ERROR`).
 pub const EXIT_BOOT_FAILURES: i32 = 3;
@@ -28,12 +32,21 @@ const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// First delay before respawning after a failed boot; doubles per failure up to the cap.
 const BOOT_BACKOFF_START: Duration = Duration::from_millis(100);
 const BOOT_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// How often the master reads each worker's private memory for `max_worker_memory`.
+const MEMORY_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+/// Consecutive samples over `max_worker_memory` before a worker is recycled: one spike (a
+/// large request) is not a leak.
+const MEMORY_STRIKES: u32 = 3;
 
 /// Why the master asked a worker to stop (or killed it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopReason {
     /// Served `max_requests`; its replacement is ready.
     MaxRequests,
+    /// Private memory over `max_worker_memory`; its replacement is ready.
+    Memory,
+    /// From before a reload (HUP); the new generation is ready.
+    Reload,
     /// More workers than configured (TTOU or a lower `workers`).
     ScaleDown,
     /// No heartbeat (or one computation) for longer than `timeout`.
@@ -48,10 +61,25 @@ impl StopReason {
     fn describe(self) -> &'static str {
         match self {
             StopReason::MaxRequests => "retired after max_requests",
+            StopReason::Memory => "retired: private memory over max_worker_memory",
+            StopReason::Reload => "retired by a reload",
             StopReason::ScaleDown => "stopped to reduce the worker count",
             StopReason::Timeout => "killed after the heartbeat timeout",
             StopReason::BootTimeout => "killed after boot_timeout",
             StopReason::Shutdown => "stopped for shutdown",
+        }
+    }
+
+    /// The name under which restarts are counted.
+    fn counter(self) -> &'static str {
+        match self {
+            StopReason::MaxRequests => "max_requests",
+            StopReason::Memory => "memory",
+            StopReason::Reload => "reload",
+            StopReason::ScaleDown => "scale_down",
+            StopReason::Timeout => "timeout",
+            StopReason::BootTimeout => "boot_failure",
+            StopReason::Shutdown => "shutdown",
         }
     }
 }
@@ -62,6 +90,12 @@ struct Worker {
     spawned_at: Instant,
     ready_at: Option<Instant>,
     max_requests: u64,
+    /// Configuration generation it was forked with; a reload starts a new one.
+    generation: u64,
+    /// Consecutive memory samples over `max_worker_memory`.
+    memory_strikes: u32,
+    /// Why the master marked it retiring, when it was the master (memory) and not the worker.
+    retire_reason: Option<StopReason>,
     /// Set once the master has asked it to stop; says why, for the log when it is reaped.
     stopping: Option<StopReason>,
     /// When a worker asked to stop gets SIGKILL if it is still there.
@@ -76,8 +110,14 @@ struct Shutdown {
 
 pub struct Arbiter {
     config: Config,
-    listeners: Vec<BoundSocket>,
+    /// Where the config came from, to read it again on HUP.
+    source: ConfigSource,
+    listeners: Vec<Bound>,
     embedder: Arc<dyn Embedder>,
+    /// The weights file the model was built from, to notice a new one on HUP.
+    model_identity: Option<ModelIdentity>,
+    /// Bumped by every successful reload; workers of older generations are rolled out.
+    generation: u64,
     scoreboard: Scoreboard,
     signals: SignalQueue,
     /// Workers write a byte here when their state changes, so the master reacts at once.
@@ -89,24 +129,43 @@ pub struct Arbiter {
     next_spawn_at: Instant,
     shutdown: Option<Shutdown>,
     pid: i32,
+    pidfile: Option<Pidfile>,
+    /// Set in a master started by USR2: the old master's pid, until it exits.
+    upgraded_from: Option<i32>,
+    /// The new master this one started with USR2, while it runs.
+    upgrade_child: Option<Pid>,
+    invocation: Invocation,
+    /// Worker restarts by reason, since start.
+    restarts: BTreeMap<&'static str, u64>,
+    last_memory_sample: Instant,
+}
+
+/// What the master needs besides its configuration.
+pub struct MasterParts {
+    pub source: ConfigSource,
+    pub listeners: Vec<Bound>,
+    pub model: SentenceEncoder,
+    pub model_identity: Option<ModelIdentity>,
+    pub scoreboard: Scoreboard,
+    pub signals: SignalQueue,
+    pub pidfile: Option<Pidfile>,
+    pub upgraded_from: Option<i32>,
+    pub invocation: Invocation,
 }
 
 impl Arbiter {
-    pub fn new(
-        config: Config,
-        listeners: Vec<BoundSocket>,
-        embedder: Arc<dyn Embedder>,
-        scoreboard: Scoreboard,
-        signals: SignalQueue,
-    ) -> nix::Result<Arbiter> {
+    pub fn new(config: Config, parts: MasterParts) -> nix::Result<Arbiter> {
         let (wake_read, wake_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
         Ok(Arbiter {
             config,
-            listeners,
-            embedder,
-            scoreboard,
-            signals,
+            source: parts.source,
+            listeners: parts.listeners,
+            embedder: Arc::new(parts.model),
+            model_identity: parts.model_identity,
+            generation: 0,
+            scoreboard: parts.scoreboard,
+            signals: parts.signals,
             wake_read: File::from(wake_read),
             wake_write,
             workers: BTreeMap::new(),
@@ -114,6 +173,12 @@ impl Arbiter {
             next_spawn_at: Instant::now(),
             shutdown: None,
             pid: std::process::id() as i32,
+            pidfile: parts.pidfile,
+            upgraded_from: parts.upgraded_from,
+            upgrade_child: None,
+            invocation: parts.invocation,
+            restarts: BTreeMap::new(),
+            last_memory_sample: Instant::now(),
         })
     }
 
@@ -130,7 +195,9 @@ impl Arbiter {
                 return code;
             }
             self.observe_workers();
+            self.check_old_master();
             self.murder_workers();
+            self.sample_memory();
             self.manage_workers();
         }
     }
@@ -142,10 +209,21 @@ impl Arbiter {
                 tracing::info!("handling SIGTERM: graceful stop");
                 self.begin_shutdown(true, 0);
             }
-            Signal::SIGINT | Signal::SIGQUIT => {
-                tracing::info!(signal = %sig, "fast stop");
-                self.begin_shutdown(false, 0);
-            }
+            Signal::SIGINT | Signal::SIGQUIT => match self.upgrade_child {
+                // After USR2, the old master is told to go once the new one serves: it hands
+                // over without dropping the requests its workers are answering.
+                Some(child) => {
+                    tracing::info!(signal = %sig, new_master = child.as_raw(), "handing over to the new master: graceful stop");
+                    self.begin_shutdown(true, 0);
+                }
+                None => {
+                    tracing::info!(signal = %sig, "fast stop");
+                    self.begin_shutdown(false, 0);
+                }
+            },
+            Signal::SIGHUP => self.reload(),
+            Signal::SIGUSR1 => self.reopen_logs(),
+            Signal::SIGUSR2 => self.reexec(),
             Signal::SIGTTIN => {
                 self.config.workers = (self.config.workers + 1).min(crate::config::MAX_WORKERS);
                 tracing::info!(workers = self.config.workers, "SIGTTIN: one worker more");
@@ -154,7 +232,170 @@ impl Arbiter {
                 self.config.workers = self.config.workers.saturating_sub(1).max(1);
                 tracing::info!(workers = self.config.workers, "SIGTTOU: one worker fewer");
             }
-            other => tracing::info!(signal = %other, "signal not handled yet; ignored"),
+            other => tracing::debug!(signal = %other, "signal ignored"),
+        }
+    }
+
+    /// HUP: read the configuration again. Invalid, or a model that does not load: keep running
+    /// exactly as before and say why. Valid: apply it and roll the workers, new ones first.
+    fn reload(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        tracing::info!("handling SIGHUP: reloading the configuration");
+        let new = match self.source.load() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("reload failed: {e}; still running on the previous configuration");
+                return;
+            }
+        };
+        let listeners = match self.rebind(&new) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(
+                    "reload failed: bind: {e}; still running on the previous configuration"
+                );
+                return;
+            }
+        };
+        let identity = ModelIdentity::of(&new.model.path);
+        if new.model.path != self.config.model.path || identity != self.model_identity {
+            let started = Instant::now();
+            match SentenceEncoder::load(&new.model.path) {
+                Ok(model) => {
+                    tracing::info!(
+                        path = %new.model.path.display(),
+                        load_ms = started.elapsed().as_millis() as u64,
+                        "model changed on disk: new model loaded in the master"
+                    );
+                    self.embedder = Arc::new(model);
+                    self.model_identity = identity;
+                }
+                Err(e) => {
+                    tracing::error!("reload failed: model.path: {e}; still serving the previous model and configuration");
+                    return;
+                }
+            }
+        }
+        if new.log.level != self.config.log.level {
+            forkserve_worker::logging::set_level(&new.log.level);
+        }
+        self.listeners = listeners;
+        self.config = new;
+        self.generation += 1;
+        self.boot_failures = 0;
+        self.next_spawn_at = Instant::now();
+        tracing::info!(
+            generation = self.generation,
+            workers = self.config.workers,
+            "configuration reloaded; rolling the workers (new ones first)"
+        );
+    }
+
+    /// The listeners for a new configuration: sockets already bound for an address are kept
+    /// (binding them again would fail while they listen); new addresses are bound.
+    fn rebind(&mut self, new: &Config) -> std::io::Result<Vec<Bound>> {
+        if new.bind == self.config.bind {
+            return self.listeners.iter().map(Bound::try_clone).collect();
+        }
+        let mut out = Vec::new();
+        for addr in &new.bind {
+            let kept = self
+                .listeners
+                .iter()
+                .filter(|b| b.spec == *addr)
+                .map(Bound::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            if kept.is_empty() {
+                out.extend(crate::sockets::bind_all(
+                    std::slice::from_ref(addr),
+                    new.backlog,
+                    new.socket_mode,
+                )?);
+            } else {
+                out.extend(kept);
+            }
+        }
+        for b in &out {
+            tracing::info!("listening at: {}", b.name);
+        }
+        Ok(out)
+    }
+
+    /// USR1: reopen the log file here and in every worker (after logrotate).
+    fn reopen_logs(&mut self) {
+        match forkserve_worker::logging::reopen() {
+            Ok(()) => tracing::info!("handling SIGUSR1: reopened the log file"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reopen the log file; keeping the old one")
+            }
+        }
+        let pids: Vec<Pid> = self.workers.keys().copied().collect();
+        for pid in pids {
+            self.kill_worker(pid, Signal::SIGUSR1);
+        }
+    }
+
+    /// USR2: fork and exec the binary again with our listening sockets. Both masters serve
+    /// until this one is told to stop (QUIT or TERM).
+    fn reexec(&mut self) {
+        if let Some(child) = self.upgrade_child {
+            tracing::warn!(
+                new_master = child.as_raw(),
+                "USR2 ignored: an upgrade is already running"
+            );
+            return;
+        }
+        if self.upgraded_from.is_some() {
+            tracing::warn!("USR2 ignored: this master's own upgrade is not finished (the old master still runs)");
+            return;
+        }
+        let fds: Vec<i32> = self
+            .listeners
+            .iter()
+            .map(|b| std::os::fd::AsRawFd::as_raw_fd(&b.socket))
+            .collect();
+        // SAFETY: single-threaded master (the loop never starts threads); the child only
+        // prepares its fds and environment and calls exec.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                let error = self.invocation.exec(&fds);
+                tracing::error!("USR2: {error}");
+                // SAFETY: leave the forked copy without running the master's destructors
+                // (they would remove the pidfile and unlink sockets that are still in use).
+                unsafe { nix::libc::_exit(1) };
+            }
+            Ok(ForkResult::Parent { child }) => {
+                tracing::info!(
+                    new_master = child.as_raw(),
+                    program = %self.invocation.program().display(),
+                    "handling SIGUSR2: started a new master on the same sockets"
+                );
+                self.upgrade_child = Some(child);
+            }
+            Err(e) => tracing::error!(error = %e, "USR2: fork failed"),
+        }
+    }
+
+    /// In a master started by USR2: once the old master has exited (we were re-parented), take
+    /// over the pidfile's real name.
+    fn check_old_master(&mut self) {
+        let Some(old) = self.upgraded_from else {
+            return;
+        };
+        if nix::unistd::getppid().as_raw() == old {
+            return;
+        }
+        self.upgraded_from = None;
+        tracing::info!(
+            old_master = old,
+            "the old master has exited; this master takes over"
+        );
+        if let (Some(pidfile), Some(path)) = (self.pidfile.as_mut(), self.config.pidfile.as_ref()) {
+            if let Err(e) = pidfile.promote(path) {
+                tracing::error!(error = %e, "cannot rename the pidfile to {}", path.display());
+            }
         }
     }
 
@@ -225,6 +466,11 @@ impl Arbiter {
                 WaitStatus::Signaled(pid, sig, _) => (pid, Exit::Signal(sig)),
                 _ => continue,
             };
+            if self.upgrade_child == Some(pid) {
+                self.upgrade_child = None;
+                tracing::error!(new_master = pid.as_raw(), %how, "the new master started by USR2 exited; this master keeps serving");
+                continue;
+            }
             let Some(worker) = self.workers.remove(&pid) else {
                 continue;
             };
@@ -236,13 +482,21 @@ impl Arbiter {
     fn log_exit(&mut self, pid: Pid, worker: &Worker, how: Exit) {
         let lived = worker.spawned_at.elapsed().as_secs_f64();
         if let Some(reason) = worker.stopping {
+            *self.restarts.entry(reason.counter()).or_default() += 1;
             if reason == StopReason::BootTimeout {
                 // Counted as a failed boot when it was killed (see murder_workers).
                 tracing::info!(pid = pid.as_raw(), %how, "worker that never booted is gone");
             } else if matches!(reason, StopReason::Timeout) {
                 tracing::error!(pid = pid.as_raw(), %how, "worker timed out and was killed (WORKER TIMEOUT)");
             } else {
-                tracing::info!(pid = pid.as_raw(), %how, lived_s = format!("{lived:.1}"), "worker {}", reason.describe());
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    %how,
+                    lived_s = format!("{lived:.1}"),
+                    count = self.restarts[reason.counter()],
+                    "worker {}",
+                    reason.describe()
+                );
             }
             return;
         }
@@ -264,11 +518,13 @@ impl Arbiter {
             Exit::Signal(Signal::SIGKILL) => " (perhaps out of memory)",
             _ => "",
         };
+        *self.restarts.entry("crash").or_default() += 1;
         tracing::error!(pid = pid.as_raw(), %how, "worker died unexpectedly{hint}; replacing it");
     }
 
     fn boot_failed(&mut self, pid: Pid, why: &str) {
         self.boot_failures += 1;
+        *self.restarts.entry("boot_failure").or_default() += 1;
         let max = self.config.max_boot_failures;
         if self.boot_failures >= max {
             tracing::error!(
@@ -369,21 +625,35 @@ impl Arbiter {
         }
     }
 
-    /// Keep `workers` workers serving: spawn what is missing, retire workers whose
-    /// replacement is ready, stop the surplus.
+    /// Keep `workers` workers serving: spawn what is missing, stop the surplus, and drain
+    /// workers that must go (retiring, or from before a reload) once their replacements are
+    /// ready, so capacity never dips.
     fn manage_workers(&mut self) {
         if self.shutdown.is_some() {
             return;
         }
         let target = self.config.workers;
+        let current = self.generation;
         let slots = self.scoreboard.slots();
         let state = move |w: &Worker| slots[w.slot].state();
 
-        // Booting and ready workers the master has not asked to stop: the pool's capacity.
+        // A worker of an older generation still booting would never join the pool.
+        let stale: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.stopping.is_none() && w.generation < current)
+            .filter(|(_, w)| state(w) == WorkerState::Booting)
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in stale {
+            self.stop_worker(pid, StopReason::Reload);
+        }
+
+        // Booting and ready workers of this generation not asked to stop: the pool.
         let active: Vec<Pid> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.stopping.is_none())
+            .filter(|(_, w)| w.stopping.is_none() && w.generation == current)
             .filter(|(_, w)| matches!(state(w), WorkerState::Booting | WorkerState::Ready))
             .map(|(&pid, _)| pid)
             .collect();
@@ -402,23 +672,66 @@ impl Arbiter {
             }
         }
 
-        // A retiring worker keeps serving until enough replacements are ready; only then is
-        // it drained, so recycling never lowers capacity.
+        // Workers on their way out keep serving until enough replacements are ready.
         let ready = self
             .workers
             .values()
-            .filter(|w| w.stopping.is_none() && state(w) == WorkerState::Ready)
+            .filter(|w| w.stopping.is_none() && w.generation == current)
+            .filter(|w| state(w) == WorkerState::Ready)
             .count();
-        let mut retiring: Vec<(Instant, Pid)> = self
+        let mut outgoing: Vec<(Instant, Pid, StopReason)> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.stopping.is_none() && state(w) == WorkerState::Retiring)
-            .map(|(&pid, w)| (w.spawned_at, pid))
+            .filter(|(_, w)| w.stopping.is_none())
+            .filter_map(|(&pid, w)| {
+                let reason = match state(w) {
+                    WorkerState::Retiring if w.generation == current => {
+                        w.retire_reason.unwrap_or(StopReason::MaxRequests)
+                    }
+                    WorkerState::Ready | WorkerState::Retiring if w.generation < current => {
+                        StopReason::Reload
+                    }
+                    _ => return None,
+                };
+                Some((w.spawned_at, pid, reason))
+            })
             .collect();
-        retiring.sort();
-        let drainable = (ready + retiring.len()).saturating_sub(target);
-        for (_, pid) in retiring.into_iter().take(drainable) {
-            self.stop_worker(pid, StopReason::MaxRequests);
+        outgoing.sort_by_key(|&(spawned, pid, _)| (spawned, pid));
+        let drainable = (ready + outgoing.len()).saturating_sub(target);
+        for (_, pid, reason) in outgoing.into_iter().take(drainable) {
+            self.stop_worker(pid, reason);
+        }
+    }
+
+    /// `max_worker_memory`: once a second, read each ready worker's private memory (USS:
+    /// Private_Clean + Private_Dirty; never RSS, which counts the shared weights). Three
+    /// samples in a row over the limit mark it retiring: it is replaced the graceful way.
+    fn sample_memory(&mut self) {
+        let limit = self.config.max_worker_memory.0;
+        if limit == 0 || self.last_memory_sample.elapsed() < MEMORY_SAMPLE_PERIOD {
+            return;
+        }
+        self.last_memory_sample = Instant::now();
+        for (pid, w) in self.workers.iter_mut() {
+            let slot = self.scoreboard.slot(w.slot);
+            if w.stopping.is_some() || slot.state() != WorkerState::Ready {
+                continue;
+            }
+            let Some(uss) = crate::memory::private_bytes(pid.as_raw()) else {
+                continue;
+            };
+            w.memory_strikes = if uss > limit { w.memory_strikes + 1 } else { 0 };
+            if w.memory_strikes >= MEMORY_STRIKES
+                && slot.transition(WorkerState::Ready, WorkerState::Retiring)
+            {
+                w.retire_reason = Some(StopReason::Memory);
+                tracing::warn!(
+                    pid = pid.as_raw(),
+                    private_bytes = uss,
+                    limit_bytes = limit,
+                    "worker over max_worker_memory for {MEMORY_STRIKES} samples; recycling it"
+                );
+            }
         }
     }
 
@@ -461,6 +774,9 @@ impl Arbiter {
                         spawned_at: Instant::now(),
                         ready_at: None,
                         max_requests,
+                        generation: self.generation,
+                        memory_strikes: 0,
+                        retire_reason: None,
                         stopping: None,
                         kill_at: None,
                     },
@@ -479,8 +795,11 @@ impl Arbiter {
 
     /// In the child: hand over what the worker needs and run it.
     fn become_worker(&self, slot: usize, max_requests: u64) -> i32 {
-        let listeners: Result<Vec<BoundSocket>, _> =
-            self.listeners.iter().map(BoundSocket::try_clone).collect();
+        let listeners: Result<Vec<BoundSocket>, _> = self
+            .listeners
+            .iter()
+            .map(|b| b.socket.try_clone())
+            .collect();
         let wake = self.wake_write.try_clone().map(File::from);
         let (listeners, wake) = match (listeners, wake) {
             (Ok(l), Ok(w)) => (l, w),

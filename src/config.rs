@@ -54,8 +54,22 @@ pub struct Config {
     pub max_batch_tokens: usize,
     /// Requests waiting per worker before new ones get 503 + Retry-After.
     pub max_queue: usize,
+    /// Replace a worker whose private memory (USS, never RSS) stays above this for 3 samples
+    /// in a row: bytes, or a string such as "256MiB". 0 = no limit.
+    pub max_worker_memory: ByteSize,
     /// File the master writes its pid to (atomically), removed on exit.
     pub pidfile: Option<PathBuf>,
+    /// User (name or uid) the workers run as. Unset while the master runs as root: `nobody`,
+    /// unless `allow_root`.
+    pub user: Option<String>,
+    /// Group (name or gid) the workers run as. Default: the user's primary group.
+    pub group: Option<String>,
+    /// Let workers run as root when the master does and no `user` is set.
+    pub allow_root: bool,
+    /// umask of the master (and so of the unix socket, pidfile and log file), e.g. 0o027.
+    pub umask: Option<u32>,
+    /// Permissions of unix sockets from `bind`, e.g. 0o660. Unset: as created (umask).
+    pub socket_mode: Option<u32>,
     pub model: ModelConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
@@ -81,6 +95,8 @@ pub struct ClusterConfig {
 pub struct LogConfig {
     /// trace, debug, info, warn or error.
     pub level: String,
+    /// Error log file (reopened on USR1). Unset: stderr.
+    pub file: Option<PathBuf>,
 }
 
 /// Settings that exist only so tests can provoke failures. Never set them in production.
@@ -110,7 +126,13 @@ impl Default for Config {
             max_sentences: 512,
             max_batch_tokens: 8192,
             max_queue: 64,
+            max_worker_memory: ByteSize(0),
             pidfile: None,
+            user: None,
+            group: None,
+            allow_root: false,
+            umask: None,
+            socket_mode: None,
             model: ModelConfig::default(),
             cluster: ClusterConfig::default(),
             log: LogConfig::default(),
@@ -141,6 +163,61 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            file: None,
+        }
+    }
+}
+
+/// A size in bytes, written as an integer or as a string with a unit ("256MiB", "1.5GB").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+#[serde(into = "u64")]
+pub struct ByteSize(pub u64);
+
+impl From<ByteSize> for u64 {
+    fn from(b: ByteSize) -> u64 {
+        b.0
+    }
+}
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let number: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size (e.g. 268435456, \"256MiB\", \"1GB\")"))?;
+        let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "k" | "kb" => 1e3,
+            "m" | "mb" => 1e6,
+            "g" | "gb" => 1e9,
+            "kib" => 1024.0,
+            "mib" => 1024.0 * 1024.0,
+            "gib" => 1024.0 * 1024.0 * 1024.0,
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?}; use B, KiB, MiB, GiB, KB, MB or GB"
+                ))
+            }
+        };
+        Ok(ByteSize((number * scale) as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -181,6 +258,20 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// Where the configuration comes from, kept so that HUP can read it again the same way.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(self.path.as_deref(), self.env.clone(), &self.overrides)
+    }
+}
 
 /// Values given on the command line; `None` leaves the file's (or the default) value.
 #[derive(Debug, Default, Clone)]
@@ -330,6 +421,13 @@ impl Config {
             ));
         }
         seconds("testing.boot_delay", self.testing.boot_delay, true)?;
+        if let Some(mask) = self.umask {
+            range("umask", mask, 0, 0o777)?;
+        }
+        if let Some(mode) = self.socket_mode {
+            range("socket_mode", mode, 0, 0o777)?;
+        }
+        crate::privileges::resolve(self).map_err(|(key, reason)| ConfigError::new(key, reason))?;
         if self.model.path.as_os_str().is_empty() {
             return Err(ConfigError::new("model.path", "must not be empty"));
         }
@@ -354,6 +452,7 @@ impl Config {
                 min_cluster_size: self.cluster.min_cluster_size,
             },
             boot_delay: secs(self.testing.boot_delay),
+            run_as: crate::privileges::resolve(self).ok().flatten(),
         }
     }
 
@@ -550,6 +649,31 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "FORKSERVE_WROKERS");
+    }
+
+    #[test]
+    fn sizes_read_as_ops_write_them() {
+        assert_eq!(ByteSize::parse("256MiB"), Ok(ByteSize(256 << 20)));
+        assert_eq!(ByteSize::parse("1GB"), Ok(ByteSize(1_000_000_000)));
+        assert_eq!(ByteSize::parse("4096"), Ok(ByteSize(4096)));
+        assert!(ByteSize::parse("lots").is_err());
+        assert!(ByteSize::parse("3 parsecs").is_err());
+        assert_eq!(
+            from_str("max_worker_memory = \"2 MiB\"")
+                .unwrap()
+                .max_worker_memory,
+            ByteSize(2 << 20)
+        );
+        assert_eq!(
+            from_str("max_worker_memory = 1000")
+                .unwrap()
+                .max_worker_memory,
+            ByteSize(1000)
+        );
+        assert_eq!(
+            from_str("max_worker_memory = \"x\"").unwrap_err().key,
+            "max_worker_memory"
+        );
     }
 
     #[test]

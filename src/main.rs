@@ -4,29 +4,46 @@
 mod arbiter;
 mod cli;
 mod config;
+mod memory;
 mod pidfile;
+mod privileges;
+mod reexec;
 mod scoreboard;
 mod signals;
 mod sockets;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use forkserve_worker::SentenceEncoder;
+use forkserve_worker::model::ModelIdentity;
+use forkserve_worker::{logging, SentenceEncoder};
 
-use crate::arbiter::Arbiter;
-use crate::config::Config;
+use crate::arbiter::{Arbiter, MasterParts};
+use crate::config::{Config, ConfigSource};
+use crate::pidfile::Pidfile;
+use crate::reexec::Invocation;
 
-/// Exit codes of the master.
+/// Exit codes of the master (3, workers failing to boot, is the arbiter's).
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = cli::Cli::parse();
-    let config = match Config::load(cli.config.as_deref(), std::env::vars(), &cli.overrides()) {
+    // How we were started, for a USR2 re-exec; and the sockets a previous master handed us.
+    let invocation = Invocation::capture();
+    let inherited_fds = std::env::var(sockets::INHERITED_FDS_ENV).ok();
+    // Sound: no thread exists yet. Removed so our own children never see it.
+    std::env::remove_var(sockets::INHERITED_FDS_ENV);
+
+    let source = ConfigSource {
+        path: cli.config.clone(),
+        env: utf8_env(std::env::vars_os()),
+        overrides: cli.overrides(),
+    };
+    let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("forkserve: configuration error: {e}");
@@ -50,10 +67,16 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging(&config.log.level);
+    if let Some(mask) = config.umask {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+    }
+    if let Err(e) = logging::init(&config.log.level, config.log.file.as_deref()) {
+        eprintln!("forkserve: configuration error: log.file: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let span = tracing::info_span!("master", pid = std::process::id());
     let _entered = span.enter();
-    match start(config, started) {
+    match start(config, source, invocation, inherited_fds, started) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err((code, message)) => {
             tracing::error!("{message}");
@@ -62,19 +85,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn start(config: Config, started: Instant) -> Result<i32, (u8, String)> {
+fn start(
+    config: Config,
+    source: ConfigSource,
+    invocation: Invocation,
+    inherited_fds: Option<String>,
+    started: Instant,
+) -> Result<i32, (u8, String)> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting forkserve");
     // Blocked before anything else so no signal is lost and no thread could catch one.
     let signals = signals::SignalQueue::open()
         .map_err(|e| (EXIT_FAILURE, format!("cannot set up signals: {e}")))?;
 
-    let bound = sockets::bind_all(&config.bind, config.backlog)
-        .map_err(|e| (EXIT_FAILURE, format!("bind: {e}")))?;
-    for b in &bound {
-        tracing::info!("listening at: {}", b.name);
+    let upgraded_from = inherited_fds
+        .as_ref()
+        .map(|_| nix::unistd::getppid().as_raw());
+    let listeners = match &inherited_fds {
+        Some(fds) => {
+            sockets::inherit(fds).map_err(|e| (EXIT_FAILURE, format!("inherited sockets: {e}")))?
+        }
+        None => sockets::bind_all(&config.bind, config.backlog, config.socket_mode)
+            .map_err(|e| (EXIT_FAILURE, format!("bind: {e}")))?,
+    };
+    for b in &listeners {
+        match upgraded_from {
+            Some(old) => tracing::info!(old_master = old, "listening at: {} (inherited)", b.name),
+            None => tracing::info!("listening at: {}", b.name),
+        }
     }
 
     let loading = Instant::now();
+    let model_identity = ModelIdentity::of(&config.model.path);
     let model = SentenceEncoder::load(&config.model.path)
         .map_err(|e| (EXIT_CONFIG, format!("model.path: {e}")))?;
     tracing::info!(
@@ -86,13 +127,23 @@ fn start(config: Config, started: Instant) -> Result<i32, (u8, String)> {
 
     let scoreboard = scoreboard::Scoreboard::new(2 * config::MAX_WORKERS)
         .map_err(|e| (EXIT_FAILURE, format!("cannot map the scoreboard: {e}")))?;
-    let _pidfile = match &config.pidfile {
-        Some(path) => Some(
-            pidfile::Pidfile::create(path)
-                .map_err(|e| (EXIT_FAILURE, format!("pidfile: {}: {e}", path.display())))?,
-        ),
+    let pidfile = match &config.pidfile {
+        Some(path) => {
+            // A master started by USR2 writes <pidfile>.2 until the old master exits.
+            let target = match upgraded_from {
+                Some(_) => Pidfile::upgrade_path(path),
+                None => path.clone(),
+            };
+            Some(
+                Pidfile::create(&target)
+                    .map_err(|e| (EXIT_FAILURE, format!("pidfile: {}: {e}", target.display())))?,
+            )
+        }
         None => None,
     };
+    if let Some((uid, gid)) = config.worker_settings(0).run_as {
+        tracing::info!(uid, gid, "workers will run as uid {uid}, gid {gid}");
+    }
     tracing::info!(
         workers = config.workers,
         threads = config.threads,
@@ -100,20 +151,24 @@ fn start(config: Config, started: Instant) -> Result<i32, (u8, String)> {
         startup_ms = started.elapsed().as_millis() as u64,
         "forking workers"
     );
-    let listeners = bound.into_iter().map(|b| b.socket).collect();
-    let arbiter = Arbiter::new(config, listeners, Arc::new(model), scoreboard, signals)
+    let parts = MasterParts {
+        source,
+        listeners,
+        model,
+        model_identity,
+        scoreboard,
+        signals,
+        pidfile,
+        upgraded_from,
+        invocation,
+    };
+    let arbiter = Arbiter::new(config, parts)
         .map_err(|e| (EXIT_FAILURE, format!("cannot create the wake-up pipe: {e}")))?;
     Ok(arbiter.run())
 }
 
-fn init_logging(level: &str) {
-    let level = level
-        .parse::<tracing::Level>()
-        .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+/// The environment as UTF-8 pairs; variables that are not UTF-8 cannot be config keys.
+fn utf8_env(vars: impl Iterator<Item = (OsString, OsString)>) -> Vec<(String, String)> {
+    vars.filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
 }

@@ -22,6 +22,23 @@ impl Pidfile {
     }
 }
 
+impl Pidfile {
+    /// A master started by USR2 writes `<pidfile>.2` while the old master lives, then takes
+    /// the real name when the old one is gone.
+    pub fn upgrade_path(path: &Path) -> PathBuf {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".2");
+        PathBuf::from(name)
+    }
+
+    /// Move to `path` (atomically).
+    pub fn promote(&mut self, path: &Path) -> io::Result<()> {
+        std::fs::rename(&self.path, path)?;
+        self.path = path.to_path_buf();
+        Ok(())
+    }
+}
+
 impl Drop for Pidfile {
     fn drop(&mut self) {
         let ours =

@@ -46,14 +46,90 @@ impl fmt::Display for BindAddress {
     }
 }
 
-/// A bound socket and what to call it in logs.
+/// A bound socket, what to call it in logs, and the `bind` entry it came from.
 pub struct Bound {
     pub socket: BoundSocket,
     pub name: String,
+    pub spec: String,
+}
+
+impl Bound {
+    pub fn try_clone(&self) -> io::Result<Bound> {
+        Ok(Bound {
+            socket: self.socket.try_clone()?,
+            name: self.name.clone(),
+            spec: self.spec.clone(),
+        })
+    }
+}
+
+/// Environment variable naming the listening fds a re-exec'd master inherits (USR2), like
+/// gunicorn's GUNICORN_FD: "3,4".
+pub const INHERITED_FDS_ENV: &str = "FORKSERVE_FDS";
+
+/// Adopt listening sockets passed by the previous master (`FORKSERVE_FDS`). Their addresses
+/// come from the sockets themselves.
+pub fn inherit(fds: &str) -> io::Result<Vec<Bound>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut out = Vec::new();
+    for part in fds.split(',').filter(|p| !p.trim().is_empty()) {
+        let fd: i32 = part.trim().parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{INHERITED_FDS_ENV}: bad fd {part:?}"),
+            )
+        })?;
+        // The fd must be a socket we can ask its address of; anything else is refused before
+        // we take ownership of it.
+        let addr = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd).map_err(
+            |e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("fd {fd}: not a socket: {e}"),
+                )
+            },
+        )?;
+        // SAFETY: the previous master passed this fd to us for exactly this purpose, nothing
+        // else in this process refers to it, and it was just checked to be a socket.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(io::Error::from)?;
+        let bound = if addr.as_unix_addr().is_some() {
+            let l = std::os::unix::net::UnixListener::from(owned);
+            let name = match l.local_addr()?.as_pathname() {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "unix:(unnamed)".to_string(),
+            };
+            let spec = name.clone();
+            Bound {
+                socket: BoundSocket::Unix(l),
+                name,
+                spec,
+            }
+        } else {
+            let l = std::net::TcpListener::from(owned);
+            let spec = l.local_addr()?.to_string();
+            let name = format!("http://{spec}");
+            Bound {
+                socket: BoundSocket::Tcp(l),
+                name,
+                spec,
+            }
+        };
+        out.push(bound);
+    }
+    Ok(out)
 }
 
 /// Bind every address. A host name binds every address it resolves to.
-pub fn bind_all(addresses: &[String], backlog: u32) -> io::Result<Vec<Bound>> {
+pub fn bind_all(
+    addresses: &[String],
+    backlog: u32,
+    socket_mode: Option<u32>,
+) -> io::Result<Vec<Bound>> {
     let mut out = Vec::new();
     for text in addresses {
         let addr = BindAddress::parse(text)
@@ -74,11 +150,12 @@ pub fn bind_all(addresses: &[String], backlog: u32) -> io::Result<Vec<Bound>> {
                     out.push(Bound {
                         socket: BoundSocket::Tcp(listener),
                         name,
+                        spec: text.clone(),
                     });
                 }
             }
             BindAddress::Unix(path) => {
-                let listener = bind_unix(&path, backlog).map_err(|e| {
+                let listener = bind_unix(&path, backlog, socket_mode).map_err(|e| {
                     io::Error::new(
                         e.kind(),
                         format!("cannot bind unix:{}: {e}", path.display()),
@@ -87,6 +164,7 @@ pub fn bind_all(addresses: &[String], backlog: u32) -> io::Result<Vec<Bound>> {
                 out.push(Bound {
                     socket: BoundSocket::Unix(listener),
                     name: format!("unix:{}", path.display()),
+                    spec: text.clone(),
                 });
             }
         }
@@ -107,7 +185,11 @@ fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
-fn bind_unix(path: &std::path::Path, backlog: u32) -> io::Result<std::os::unix::net::UnixListener> {
+fn bind_unix(
+    path: &std::path::Path,
+    backlog: u32,
+    mode: Option<u32>,
+) -> io::Result<std::os::unix::net::UnixListener> {
     // A socket file left by a previous run that died would make bind fail; remove it, but
     // never remove anything that is not a socket.
     use std::os::unix::fs::FileTypeExt;
@@ -118,6 +200,10 @@ fn bind_unix(path: &std::path::Path, backlog: u32) -> io::Result<std::os::unix::
     }
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     socket.bind(&socket2::SockAddr::unix(path)?)?;
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(socket.into())
 }
@@ -151,7 +237,7 @@ mod tests {
 
     #[test]
     fn binds_an_ephemeral_port() {
-        let bound = bind_all(&["127.0.0.1:0".into()], 16).unwrap();
+        let bound = bind_all(&["127.0.0.1:0".into()], 16, None).unwrap();
         assert_eq!(bound.len(), 1);
         assert!(bound[0].name.starts_with("http://127.0.0.1:"));
         assert!(!bound[0].name.ends_with(":0"));

@@ -7,6 +7,7 @@ pub mod embedder;
 pub mod http;
 pub mod lifecycle;
 pub mod listener;
+pub mod logging;
 pub mod model;
 pub mod protocol;
 pub mod settings;

@@ -44,4 +44,6 @@ pub struct WorkerSettings {
     /// Testing only: sleep this long during boot, before the warm-up, so tests can exercise the
     /// master's `boot_timeout`. Never set in production.
     pub boot_delay: Duration,
+    /// (uid, gid) the worker switches to right after fork; None keeps the master's.
+    pub run_as: Option<(u32, u32)>,
 }

@@ -81,14 +81,34 @@ pub fn run(ctx: WorkerContext) -> i32 {
 fn prepare_process(ctx: &WorkerContext) -> nix::Result<()> {
     // The master blocks its signals to read them from a signalfd; a worker handles its own.
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    drop_privileges(ctx.settings.run_as)?;
     // If the master dies, the kernel tells us at once (SIGTERM: drain). The heartbeat loop
-    // also checks the parent pid, which covers a master that died before this line ran.
+    // also checks the parent pid, which covers a master that died before this line ran. Set
+    // after dropping privileges: a change of credentials clears it.
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
     // candle sizes its matrix-multiply parallelism from RAYON_NUM_THREADS on every call, and
     // the tokenizer would start its own pool unless told not to. Setting the environment is
     // sound here: the worker has one thread until the pools below are built.
     std::env::set_var("RAYON_NUM_THREADS", ctx.settings.threads.to_string());
     std::env::set_var("TOKENIZERS_PARALLELISM", "false");
+    Ok(())
+}
+
+/// Become the configured user and group. Workers face the clients; the master keeps its
+/// privileges for re-binding and reloading.
+fn drop_privileges(run_as: Option<(u32, u32)>) -> nix::Result<()> {
+    use nix::unistd::{getegid, geteuid, setgid, setgroups, setuid, Gid, Uid};
+    let Some((uid, gid)) = run_as else {
+        return Ok(());
+    };
+    if geteuid().as_raw() == uid && getegid().as_raw() == gid {
+        return Ok(());
+    }
+    // Supplementary groups first, then the group, then the user: after setuid we could no
+    // longer change the others.
+    setgroups(&[Gid::from_raw(gid)])?;
+    setgid(Gid::from_raw(gid))?;
+    setuid(Uid::from_raw(uid))?;
     Ok(())
 }
 
@@ -251,6 +271,18 @@ fn watch_signals(stop: watch::Sender<Option<Stop>>) -> std::io::Result<()> {
             }
         });
     }
+    // USR1: logrotate moved the log file; write to a fresh one at the same path.
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            match crate::logging::reopen() {
+                Ok(()) => tracing::info!("reopened the log file"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reopen the log file; keeping the old one")
+                }
+            }
+        }
+    });
     // HUP is the master's business (reload); a worker that gets it, e.g. from a terminal
     // hang-up sent to the process group, must not die of it.
     let mut hup = signal(SignalKind::hangup())?;

@@ -34,6 +34,31 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
+/// Which weights file a model was built from: a new file at the path (replaced by a rename,
+/// rewritten, or touched) has another identity, and a HUP reloads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelIdentity {
+    dev: u64,
+    inode: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl ModelIdentity {
+    /// The identity of `dir/model.safetensors`; None if it cannot be read (then any later
+    /// state counts as a change).
+    pub fn of(dir: &Path) -> Option<ModelIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.join("model.safetensors")).ok()?;
+        Some(ModelIdentity {
+            dev: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+        })
+    }
+}
+
 /// The files of a sentence-transformers BERT model directory.
 #[derive(Clone, Debug)]
 pub struct ModelFiles {

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::BertModel;
 
 use crate::embedder::{EmbedError, Embedder, Tokens};
-pub use files::{LoadError, ModelFiles};
+pub use files::{LoadError, ModelFiles, ModelIdentity};
 use tokenizer::SentenceTokenizer;
 
 /// A BERT encoder with sentence-transformers' pooling (attention-masked mean, then L2 norm).
