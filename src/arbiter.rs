@@ -184,6 +184,7 @@ impl Arbiter {
 
     /// Run until shut down; returns the process exit code.
     pub fn run(mut self) -> i32 {
+        self.give_log_to_workers();
         self.manage_workers();
         loop {
             self.sleep(self.next_wakeup());
@@ -331,9 +332,20 @@ impl Arbiter {
                 tracing::error!(error = %e, "cannot reopen the log file; keeping the old one")
             }
         }
+        self.give_log_to_workers();
         let pids: Vec<Pid> = self.workers.keys().copied().collect();
         for pid in pids {
             self.kill_worker(pid, Signal::SIGUSR1);
+        }
+    }
+
+    /// Workers reopen the log file themselves, after dropping their privileges: it must be
+    /// theirs.
+    pub fn give_log_to_workers(&self) {
+        if let Some((uid, gid)) = self.config.worker_settings(0).run_as {
+            if let Err(e) = forkserve_worker::logging::chown_file(uid, gid) {
+                tracing::warn!(error = %e, "cannot give the log file to the workers' user; they cannot reopen it on USR1");
+            }
         }
     }
 

@@ -71,6 +71,19 @@ pub fn reopen() -> io::Result<()> {
     Ok(())
 }
 
+/// Give the log file to the workers' user, so that they can reopen it on USR1 after dropping
+/// their privileges (gunicorn does the same).
+pub fn chown_file(uid: u32, gid: u32) -> io::Result<()> {
+    let Some(state) = STATE.get() else {
+        return Ok(());
+    };
+    let guard = state.file.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, file)) = guard.as_ref() {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)

@@ -1,0 +1,455 @@
+//! What ops do to a running server, with real signals: reload (HUP) with a new worker count, a
+//! broken config, a new model file; binary upgrade (USR2); log reopening (USR1); memory-based
+//! recycling; pidfile; users; unix sockets. Clients keep sending requests throughout, and none
+//! may fail.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::*;
+
+fn eventually(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Clients looping keep-alive requests until stopped; they count answers and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    ok: Arc<Mutex<u64>>,
+    failures: Arc<Mutex<Vec<String>>>,
+    pids: Arc<Mutex<BTreeSet<i32>>>,
+}
+
+impl Load {
+    fn start(port: u16, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(Mutex::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let pids = Arc::new(Mutex::new(BTreeSet::new()));
+        let body =
+            json!({"sentences": ["The Art of Dog Walking", "Learn The Art of Public Speaking"]})
+                .to_string();
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, failures, pids, body) = (
+                    stop.clone(),
+                    ok.clone(),
+                    failures.clone(),
+                    pids.clone(),
+                    body.clone(),
+                );
+                std::thread::spawn(move || {
+                    let mut conn: Option<Connection> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        if conn.as_ref().is_none_or(|c| c.closed_by_server) {
+                            match Connection::open(port) {
+                                Ok(c) => conn = Some(c),
+                                Err(e) => {
+                                    failures.lock().unwrap().push(format!("connect: {e}"));
+                                    std::thread::sleep(Duration::from_millis(50));
+                                    continue;
+                                }
+                            }
+                        }
+                        let c = conn.as_mut().unwrap();
+                        let headers = [("Content-Type", "application/json")];
+                        match c.send("POST", "/cluster", &headers, body.as_bytes(), true) {
+                            Ok(r) if r.status == 200 => {
+                                *ok.lock().unwrap() += 1;
+                                pids.lock().unwrap().insert(r.worker_pid());
+                            }
+                            Ok(r) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}", r.status)),
+                            Err(e) => {
+                                failures.lock().unwrap().push(e.to_string());
+                                conn = None;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            threads,
+            ok,
+            failures,
+            pids,
+        }
+    }
+
+    fn answered(&self) -> u64 {
+        *self.ok.lock().unwrap()
+    }
+
+    /// Stop the clients; returns (answered, failures).
+    fn finish(self) -> (u64, Vec<String>, BTreeSet<i32>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let ok = *self.ok.lock().unwrap();
+        let failures = self.failures.lock().unwrap().clone();
+        let pids = self.pids.lock().unwrap().clone();
+        (ok, failures, pids)
+    }
+}
+
+fn rewrite_config(server: &Server, text: &str) {
+    std::fs::write(server.dir.path("forkserve.toml"), text).unwrap();
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn hup_with_a_new_worker_count_rolls_the_workers_without_a_failed_request() {
+    let server = Server::start(&config("workers = 2"), 2);
+    let before = server.worker_pids();
+    let load = Load::start(server.port, 4);
+    eventually("load to flow", Duration::from_secs(10), || {
+        load.answered() > 10
+    });
+    rewrite_config(&server, &config("workers = 3"));
+    server.signal("HUP");
+    server.wait_log("the roll", Duration::from_secs(30), |log| {
+        log.contains("configuration reloaded") && count(log, "retired by a reload") >= 2
+    });
+    eventually("three new workers", Duration::from_secs(20), || {
+        let now = server.worker_pids();
+        now.len() == 3 && now.is_disjoint(&before)
+    });
+    let served_after = load.answered();
+    eventually("requests after the roll", Duration::from_secs(10), || {
+        load.answered() > served_after + 10
+    });
+    let (ok, failures, _) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {failures:?}",
+        failures.len(),
+        ok + failures.len() as u64
+    );
+}
+
+#[test]
+fn hup_with_a_broken_config_keeps_serving_and_says_why() {
+    let server = Server::start(&config("workers = 2"), 2);
+    let before = server.worker_pids();
+    rewrite_config(&server, &format!("wrokers = 3\n{}", config("")));
+    server.signal("HUP");
+    let log = server.wait_log("the reload error", Duration::from_secs(10), |log| {
+        log.contains("reload failed")
+    });
+    assert!(log.contains("wrokers"), "the error names the key: {log}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.worker_pids(), before, "nothing restarted");
+    assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+}
+
+/// A copy of the model directory whose weights are ours to replace.
+fn model_copy(dir: &TempDir) -> std::path::PathBuf {
+    let copy = dir.path("model");
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(model_dir()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+    }
+    copy
+}
+
+/// Write `dir/model.safetensors` (by rename, as a deploy would) with one tensor multiplied by
+/// `factor`.
+fn scale_tensor(dir: &std::path::Path, name: &str, factor: f32) {
+    let original = std::fs::read(model_dir().join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&original).unwrap();
+    let mut scaled_bytes = Vec::new();
+    let mut views = Vec::new();
+    for (tname, view) in tensors.tensors() {
+        if tname == name {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32);
+            scaled_bytes = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|b| (f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * factor).to_le_bytes())
+                .collect();
+        }
+        views.push((tname, view));
+    }
+    assert!(!scaled_bytes.is_empty(), "no tensor {name}");
+    let mut out: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    for (tname, view) in views {
+        if tname == name {
+            let v = safetensors::tensor::TensorView::new(
+                view.dtype(),
+                view.shape().to_vec(),
+                &scaled_bytes,
+            )
+            .unwrap();
+            out.push((tname, v));
+        } else {
+            out.push((tname, view));
+        }
+    }
+    let bytes = safetensors::serialize(out, None).unwrap();
+    let tmp = dir.join("model.safetensors.new");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn hup_after_a_new_model_file_serves_the_new_model_without_downtime() {
+    let dir = TempDir::new("swap");
+    let model = model_copy(&dir);
+    let text = format!(
+        "bind = \"127.0.0.1:0\"\nworkers = 2\n[model]\npath = {:?}\n",
+        model.display().to_string()
+    );
+    let server = Server::start(&text, 2);
+    assert_eq!(
+        server.post_json("/cluster", &seed_body()).json()["indices"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // With the last layer's LayerNorm weight at zero every token's output is the LayerNorm
+    // bias: all sentences get the same embedding, so the seed becomes one cluster.
+    scale_tensor(&model, "encoder.layer.5.output.LayerNorm.weight", 0.0);
+    let load = Load::start(server.port, 3);
+    server.signal("HUP");
+    server.wait_log("the new model", Duration::from_secs(30), |log| {
+        log.contains("model changed on disk") && count(log, "retired by a reload") >= 2
+    });
+    let r = server.post_json("/cluster", &seed_body());
+    assert_eq!(
+        r.json()["indices"],
+        json!([[0, 1, 2, 3, 4, 5, 6, 7, 8]]),
+        "served by the new model"
+    );
+    let (_, failures, _) = load.finish();
+    assert!(failures.is_empty(), "{failures:?}");
+
+    // A model file that does not load keeps the model that works.
+    std::fs::write(model.join("model.safetensors.bad"), b"not safetensors").unwrap();
+    std::fs::rename(
+        model.join("model.safetensors.bad"),
+        model.join("model.safetensors"),
+    )
+    .unwrap();
+    server.signal("HUP");
+    server.wait_log("the failed reload", Duration::from_secs(10), |log| {
+        log.contains("still serving the previous model")
+    });
+    let r = server.post_json("/cluster", &seed_body());
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["indices"], json!([[0, 1, 2, 3, 4, 5, 6, 7, 8]]));
+}
+
+#[test]
+fn usr2_starts_a_new_master_on_the_same_socket_and_quit_retires_the_old_one() {
+    let dir = TempDir::new("usr2");
+    let pidfile = dir.path("forkserve.pid");
+    let mut server = Server::start(
+        &config(&format!(
+            "workers = 2\npidfile = {:?}",
+            pidfile.display().to_string()
+        )),
+        2,
+    );
+    let old_master = server.pid();
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        old_master.to_string()
+    );
+    let old_workers = server.worker_pids();
+    let load = Load::start(server.port, 4);
+    eventually("load to flow", Duration::from_secs(10), || {
+        load.answered() > 10
+    });
+
+    let usr2_at = Instant::now();
+    server.signal("USR2");
+    let log = server.wait_log("the new master", Duration::from_secs(10), |log| {
+        log.contains("started a new master")
+    });
+    let new_master: i32 = log
+        .lines()
+        .find(|l| l.contains("started a new master"))
+        .and_then(|l| l.split("new_master=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("new master pid in the log");
+    eventually("the new master's workers", Duration::from_secs(30), || {
+        children_of(new_master).len() == 2 && count(&server.log_text(), "worker ready") >= 4
+    });
+    let serving_after = usr2_at.elapsed();
+    eprintln!(
+        "USR2 to the new master's workers ready: {:.3} s",
+        serving_after.as_secs_f64()
+    );
+    let pidfile2 = dir.path("forkserve.pid.2");
+    assert_eq!(
+        std::fs::read_to_string(&pidfile2).unwrap().trim(),
+        new_master.to_string()
+    );
+    server.signal("QUIT");
+    let status = server.wait_exit(Duration::from_secs(40));
+    assert_eq!(status.code(), Some(0));
+    for pid in &old_workers {
+        assert!(!alive(*pid), "old worker {pid} still running");
+    }
+    // The new master takes the pidfile's name once the old one is gone.
+    eventually("the pidfile to be renamed", Duration::from_secs(5), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|p| p.trim() == new_master.to_string())
+            && !pidfile2.exists()
+    });
+    // The clients' connections to old workers were closed between requests; they reconnect
+    // through the same socket and reach the new generation.
+    let new_workers = children_of(new_master);
+    eventually("the new workers to answer", Duration::from_secs(20), || {
+        load.pids
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| new_workers.contains(p))
+    });
+    let (ok, failures, _) = load.finish();
+
+    send_signal(new_master, "TERM");
+    eventually("the new master to stop", Duration::from_secs(40), || {
+        !alive(new_master)
+    });
+    assert!(!pidfile.exists(), "pidfile removed on exit");
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed through the upgrade: {failures:?}",
+        failures.len(),
+        ok
+    );
+}
+
+#[test]
+fn usr1_reopens_the_log_file_in_master_and_workers() {
+    let dir = TempDir::new("usr1");
+    let logfile = dir.path("forkserve.log");
+    let mut server = Server::spawn(
+        &config(&format!(
+            "workers = 2\n[log]\nfile = {:?}",
+            logfile.display().to_string()
+        )),
+        &[],
+    );
+    eventually("the log file", Duration::from_secs(30), || {
+        std::fs::read_to_string(&logfile).is_ok_and(|t| count(&t, "worker ready") == 2)
+    });
+    // logrotate: move the file away, then USR1.
+    let rotated = dir.path("forkserve.log.1");
+    std::fs::rename(&logfile, &rotated).unwrap();
+    server.signal("USR1");
+    eventually(
+        "master and both workers to write to the new file",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&logfile).is_ok_and(|t| count(&t, "reopened the log file") == 3),
+    );
+    assert!(!std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("reopened the log file"));
+    server.signal("TERM");
+    server.wait_exit(Duration::from_secs(30));
+}
+
+#[test]
+fn a_worker_over_max_worker_memory_is_recycled_gracefully() {
+    // Every worker's private memory is a few MiB, so 1 MiB recycles each after 3 samples.
+    let server = Server::start(&config("workers = 1\nmax_worker_memory = \"1MiB\""), 1);
+    let first = server.worker_pids();
+    let load = Load::start(server.port, 2);
+    server.wait_log("a memory recycle", Duration::from_secs(20), |log| {
+        log.contains("over max_worker_memory")
+            && log.contains("retired: private memory over max_worker_memory")
+    });
+    eventually("a new worker", Duration::from_secs(10), || {
+        server.worker_pids().is_disjoint(&first)
+    });
+    let (_, failures, _) = load.finish();
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+fn uid_of(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn workers_do_not_run_as_root() {
+    if uid_of(std::process::id() as i32) != 0 {
+        eprintln!("not root: the master's own user is used; nothing to check");
+        return;
+    }
+    let server = Server::start(&config("workers = 1"), 1);
+    let worker = *server.worker_pids().iter().next().unwrap();
+    assert_eq!(uid_of(server.pid()), 0, "the master keeps its privileges");
+    assert_ne!(uid_of(worker), 0, "a worker runs as root");
+    assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+    drop(server);
+
+    let server = Server::start(&config("workers = 1\nallow_root = true"), 1);
+    let worker = *server.worker_pids().iter().next().unwrap();
+    assert_eq!(uid_of(worker), 0, "allow_root keeps root");
+}
+
+#[test]
+fn serves_a_unix_socket_with_its_mode_and_tcp_side_by_side() {
+    use std::io::Write;
+    let dir = TempDir::new("unix");
+    let sock = dir.path("forkserve.sock");
+    let server = Server::start(
+        &format!(
+            "bind = [\"127.0.0.1:0\", \"unix:{}\"]\nsocket_mode = 0o600\nworkers = 1\n[model]\npath = {:?}\n",
+            sock.display(),
+            model_dir().display().to_string()
+        ),
+        1,
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let body = seed_body();
+    write!(
+        stream,
+        "POST /cluster HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let r = read_response(&mut std::io::BufReader::new(stream)).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["indices"].as_array().unwrap().len(), 2);
+    assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+}
