@@ -6,7 +6,7 @@ MODEL_DIR := models/all-MiniLM-L6-v2
 CONFIG ?= conf/forkserve.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help model build run test lint bench-memory clean
+.PHONY: help model build run test lint bench-memory bench-ops clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ lint: ## cargo fmt --check and clippy -D warnings
 
 bench-memory: model build ## PSS/USS per worker for 1, 2, 4 workers and start-up time
 	python3 bench/memory.py
+
+bench-ops: model build ## Requests lost during recycle, HUP roll and USR2 upgrade (expect 0)
+	python3 bench/ops.py
 
 clean: ## Remove build output (keeps the model)
 	$(CARGO) clean
