@@ -138,6 +138,9 @@ pub struct Arbiter {
     /// Worker restarts by reason, since start.
     restarts: BTreeMap<&'static str, u64>,
     last_memory_sample: Instant,
+    systemd: crate::systemd::Notifier,
+    /// READY=1 is sent once, when the configured workers are first all ready.
+    announced_ready: bool,
 }
 
 /// What the master needs besides its configuration.
@@ -179,6 +182,8 @@ impl Arbiter {
             invocation: parts.invocation,
             restarts: BTreeMap::new(),
             last_memory_sample: Instant::now(),
+            systemd: crate::systemd::Notifier::from_env(),
+            announced_ready: false,
         })
     }
 
@@ -196,6 +201,7 @@ impl Arbiter {
                 return code;
             }
             self.observe_workers();
+            self.announce_ready();
             self.check_old_master();
             self.murder_workers();
             self.sample_memory();
@@ -559,6 +565,31 @@ impl Arbiter {
         self.next_spawn_at = Instant::now() + backoff;
     }
 
+    /// Tell systemd we serve, once the configured workers are all ready (not before any
+    /// exists, as gunicorn does). A master started by USR2 also says it is the main process now.
+    fn announce_ready(&mut self) {
+        if self.announced_ready || self.shutdown.is_some() {
+            return;
+        }
+        let ready = self
+            .workers
+            .values()
+            .filter(|w| w.generation == self.generation && w.ready_at.is_some())
+            .count();
+        if ready < self.config.workers {
+            return;
+        }
+        self.announced_ready = true;
+        let status = format!("STATUS={ready} workers ready");
+        if self.upgraded_from.is_some() {
+            self.systemd
+                .notify(&format!("MAINPID={}\nREADY=1\n{status}", self.pid));
+        } else {
+            self.systemd.notify(&format!("READY=1\n{status}"));
+        }
+        tracing::info!(workers = ready, "all workers ready");
+    }
+
     /// Notice workers that became ready since the last turn.
     fn observe_workers(&mut self) {
         for (pid, w) in self.workers.iter_mut() {
@@ -879,6 +910,7 @@ impl Arbiter {
             exit_code,
             kill_at,
         });
+        self.systemd.notify("STOPPING=1");
         let sig = if graceful {
             Signal::SIGTERM
         } else {

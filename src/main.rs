@@ -11,6 +11,7 @@ mod reexec;
 mod scoreboard;
 mod signals;
 mod sockets;
+mod systemd;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

@@ -270,13 +270,19 @@ fn hup_after_a_new_model_file_serves_the_new_model_without_downtime() {
 fn usr2_starts_a_new_master_on_the_same_socket_and_quit_retires_the_old_one() {
     let dir = TempDir::new("usr2");
     let pidfile = dir.path("forkserve.pid");
-    let mut server = Server::start(
+    // systemd's side of the notification protocol: a datagram socket named by NOTIFY_SOCKET.
+    let notify_path = dir.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_nonblocking(true).unwrap();
+    let mut server = Server::spawn_with_env(
         &config(&format!(
             "workers = 2\npidfile = {:?}",
             pidfile.display().to_string()
         )),
-        2,
+        &[],
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
     );
+    server.wait_ready(2);
     let old_master = server.pid();
     assert_eq!(
         std::fs::read_to_string(&pidfile).unwrap().trim(),
@@ -335,6 +341,28 @@ fn usr2_starts_a_new_master_on_the_same_socket_and_quit_retires_the_old_one() {
             .any(|p| new_workers.contains(p))
     });
     let (ok, failures, _) = load.finish();
+
+    // systemd heard: READY once the first workers served, then the new master's MAINPID
+    // with its own READY, and STOPPING from the old master.
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = notify.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(
+        messages.first().is_some_and(|m| m.starts_with("READY=1")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains(&format!("MAINPID={new_master}")) && m.contains("READY=1")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("STOPPING=1")),
+        "{messages:?}"
+    );
 
     send_signal(new_master, "TERM");
     eventually("the new master to stop", Duration::from_secs(40), || {

@@ -97,6 +97,11 @@ impl Server {
 
     /// Start without waiting for anything.
     pub fn spawn(config_text: &str, args: &[&str]) -> Server {
+        Server::spawn_with_env(config_text, args, &[])
+    }
+
+    /// Start with extra environment variables, without waiting.
+    pub fn spawn_with_env(config_text: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = TempDir::new("server");
         let conf = dir.path("forkserve.toml");
         std::fs::write(&conf, config_text).unwrap();
@@ -105,6 +110,7 @@ impl Server {
             .arg("-c")
             .arg(&conf)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(project_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
