@@ -5,10 +5,6 @@
 
 mod support;
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -19,92 +15,6 @@ fn eventually(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
     while !pred() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Clients looping keep-alive requests until stopped; they count answers and failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-    ok: Arc<Mutex<u64>>,
-    failures: Arc<Mutex<Vec<String>>>,
-    pids: Arc<Mutex<BTreeSet<i32>>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(Mutex::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let pids = Arc::new(Mutex::new(BTreeSet::new()));
-        let body =
-            json!({"sentences": ["The Art of Dog Walking", "Learn The Art of Public Speaking"]})
-                .to_string();
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, ok, failures, pids, body) = (
-                    stop.clone(),
-                    ok.clone(),
-                    failures.clone(),
-                    pids.clone(),
-                    body.clone(),
-                );
-                std::thread::spawn(move || {
-                    let mut conn: Option<Connection> = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        if conn.as_ref().is_none_or(|c| c.closed_by_server) {
-                            match Connection::open(port) {
-                                Ok(c) => conn = Some(c),
-                                Err(e) => {
-                                    failures.lock().unwrap().push(format!("connect: {e}"));
-                                    std::thread::sleep(Duration::from_millis(50));
-                                    continue;
-                                }
-                            }
-                        }
-                        let c = conn.as_mut().unwrap();
-                        let headers = [("Content-Type", "application/json")];
-                        match c.send("POST", "/cluster", &headers, body.as_bytes(), true) {
-                            Ok(r) if r.status == 200 => {
-                                *ok.lock().unwrap() += 1;
-                                pids.lock().unwrap().insert(r.worker_pid());
-                            }
-                            Ok(r) => failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("status {}", r.status)),
-                            Err(e) => {
-                                failures.lock().unwrap().push(e.to_string());
-                                conn = None;
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            threads,
-            ok,
-            failures,
-            pids,
-        }
-    }
-
-    fn answered(&self) -> u64 {
-        *self.ok.lock().unwrap()
-    }
-
-    /// Stop the clients; returns (answered, failures).
-    fn finish(self) -> (u64, Vec<String>, BTreeSet<i32>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let ok = *self.ok.lock().unwrap();
-        let failures = self.failures.lock().unwrap().clone();
-        let pids = self.pids.lock().unwrap().clone();
-        (ok, failures, pids)
     }
 }
 
@@ -123,7 +33,7 @@ fn alive(pid: i32) -> bool {
 fn hup_with_a_new_worker_count_rolls_the_workers_without_a_failed_request() {
     let server = Server::start(&config("workers = 2"), 2);
     let before = server.worker_pids();
-    let load = Load::start(server.port, 4);
+    let load = Load::start(server.port, 4, None);
     eventually("load to flow", Duration::from_secs(10), || {
         load.answered() > 10
     });
@@ -140,7 +50,7 @@ fn hup_with_a_new_worker_count_rolls_the_workers_without_a_failed_request() {
     eventually("requests after the roll", Duration::from_secs(10), || {
         load.answered() > served_after + 10
     });
-    let (ok, failures, _) = load.finish();
+    let LoadResult { ok, failures, .. } = load.finish();
     assert!(
         failures.is_empty(),
         "{} failed of {}: {failures:?}",
@@ -236,7 +146,7 @@ fn hup_after_a_new_model_file_serves_the_new_model_without_downtime() {
     // With the last layer's LayerNorm weight at zero every token's output is the LayerNorm
     // bias: all sentences get the same embedding, so the seed becomes one cluster.
     scale_tensor(&model, "encoder.layer.5.output.LayerNorm.weight", 0.0);
-    let load = Load::start(server.port, 3);
+    let load = Load::start(server.port, 3, None);
     server.signal("HUP");
     server.wait_log("the new model", Duration::from_secs(30), |log| {
         log.contains("model changed on disk") && count(log, "retired by a reload") >= 2
@@ -247,7 +157,7 @@ fn hup_after_a_new_model_file_serves_the_new_model_without_downtime() {
         json!([[0, 1, 2, 3, 4, 5, 6, 7, 8]]),
         "served by the new model"
     );
-    let (_, failures, _) = load.finish();
+    let failures = load.finish().failures;
     assert!(failures.is_empty(), "{failures:?}");
 
     // A model file that does not load keeps the model that works.
@@ -289,7 +199,7 @@ fn usr2_starts_a_new_master_on_the_same_socket_and_quit_retires_the_old_one() {
         old_master.to_string()
     );
     let old_workers = server.worker_pids();
-    let load = Load::start(server.port, 4);
+    let load = Load::start(server.port, 4, None);
     eventually("load to flow", Duration::from_secs(10), || {
         load.answered() > 10
     });
@@ -334,13 +244,9 @@ fn usr2_starts_a_new_master_on_the_same_socket_and_quit_retires_the_old_one() {
     // through the same socket and reach the new generation.
     let new_workers = children_of(new_master);
     eventually("the new workers to answer", Duration::from_secs(20), || {
-        load.pids
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|p| new_workers.contains(p))
+        load.pids().iter().any(|p| new_workers.contains(p))
     });
-    let (ok, failures, _) = load.finish();
+    let LoadResult { ok, failures, .. } = load.finish();
 
     // systemd heard: READY once the first workers served, then the new master's MAINPID
     // with its own READY, and STOPPING from the old master.
@@ -412,7 +318,7 @@ fn a_worker_over_max_worker_memory_is_recycled_gracefully() {
     // Every worker's private memory is a few MiB, so 1 MiB recycles each after 3 samples.
     let server = Server::start(&config("workers = 1\nmax_worker_memory = \"1MiB\""), 1);
     let first = server.worker_pids();
-    let load = Load::start(server.port, 2);
+    let load = Load::start(server.port, 2, None);
     server.wait_log("a memory recycle", Duration::from_secs(20), |log| {
         log.contains("over max_worker_memory")
             && log.contains("retired: private memory over max_worker_memory")
@@ -420,7 +326,7 @@ fn a_worker_over_max_worker_memory_is_recycled_gracefully() {
     eventually("a new worker", Duration::from_secs(10), || {
         server.worker_pids().is_disjoint(&first)
     });
-    let (_, failures, _) = load.finish();
+    let failures = load.finish().failures;
     assert!(failures.is_empty(), "{failures:?}");
 }
 

@@ -4,9 +4,7 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -25,61 +23,20 @@ fn eventually(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
 fn recycling_after_max_requests_drops_no_request() {
     let server = Server::start(&config("workers = 2\nmax_requests = 20"), 2);
     let first_pids = server.worker_pids();
-    let body = json!({"sentences": ["The Art of Dog Walking", "Learn The Art of Public Speaking"]})
-        .to_string();
 
     // 300 requests, 8 clients at a time, each on a keep-alive connection it reopens only when
     // the server says `Connection: close`. No retries: any dropped request is a failure.
-    let next = Arc::new(Mutex::new(0usize));
-    let seen = Arc::new(Mutex::new(BTreeSet::new()));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let (next, seen, failures, body) =
-                (next.clone(), seen.clone(), failures.clone(), body.clone());
-            let port = server.port;
-            std::thread::spawn(move || {
-                let mut conn: Option<Connection> = None;
-                loop {
-                    {
-                        let mut n = next.lock().unwrap();
-                        if *n >= 300 {
-                            return;
-                        }
-                        *n += 1;
-                    }
-                    if conn.as_ref().is_none_or(|c| c.closed_by_server) {
-                        conn = Some(Connection::open(port).expect("connect"));
-                    }
-                    let c = conn.as_mut().unwrap();
-                    let headers = [("Content-Type", "application/json")];
-                    match c.send("POST", "/cluster", &headers, body.as_bytes(), true) {
-                        Ok(r) if r.status == 200 => {
-                            seen.lock().unwrap().insert(r.worker_pid());
-                        }
-                        Ok(r) => failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("status {}", r.status)),
-                        Err(e) => {
-                            failures.lock().unwrap().push(e.to_string());
-                            conn = None;
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for c in clients {
-        c.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
+    let LoadResult {
+        ok,
+        failures,
+        pids: seen,
+    } = Load::start(server.port, 8, Some(300)).wait();
+    assert_eq!(ok, 300);
     assert!(
         failures.is_empty(),
         "failed requests: {failures:?}\n{}",
         server.log_text()
     );
-    let seen = seen.lock().unwrap();
     // 300 requests at 20 per worker: many generations of workers answered.
     assert!(
         seen.len() >= 8,

@@ -8,6 +8,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_forkserve");
@@ -450,4 +453,114 @@ pub fn total_pss_kib(master: i32) -> (u64, Vec<Memory>) {
 
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// Clients looping keep-alive `/cluster` requests (two sentences) until `limit` requests are
+/// done or `finish()` is called. A client reopens its connection only when the server says
+/// `Connection: close`, and never retries: any dropped request is counted as a failure.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    pids: Arc<Mutex<BTreeSet<i32>>>,
+}
+
+pub struct LoadResult {
+    pub ok: u64,
+    pub failures: Vec<String>,
+    /// Workers that answered.
+    pub pids: BTreeSet<i32>,
+}
+
+impl Load {
+    pub fn start(port: u16, clients: usize, limit: Option<u64>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let taken = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let pids = Arc::new(Mutex::new(BTreeSet::new()));
+        let body = serde_json::json!({
+            "sentences": ["The Art of Dog Walking", "Learn The Art of Public Speaking"]
+        })
+        .to_string();
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, taken, failures, pids, body) = (
+                    stop.clone(),
+                    ok.clone(),
+                    taken.clone(),
+                    failures.clone(),
+                    pids.clone(),
+                    body.clone(),
+                );
+                std::thread::spawn(move || {
+                    let mut conn: Option<Connection> = None;
+                    while !stop.load(Ordering::Relaxed)
+                        && limit.is_none_or(|l| taken.fetch_add(1, Ordering::Relaxed) < l)
+                    {
+                        if conn.as_ref().is_none_or(|c| c.closed_by_server) {
+                            match Connection::open(port) {
+                                Ok(c) => conn = Some(c),
+                                Err(e) => {
+                                    failures.lock().unwrap().push(format!("connect: {e}"));
+                                    std::thread::sleep(Duration::from_millis(50));
+                                    continue;
+                                }
+                            }
+                        }
+                        let Some(c) = conn.as_mut() else { continue };
+                        let headers = [("Content-Type", "application/json")];
+                        match c.send("POST", "/cluster", &headers, body.as_bytes(), true) {
+                            Ok(r) if r.status == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                pids.lock().unwrap().insert(r.worker_pid());
+                            }
+                            Ok(r) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}", r.status)),
+                            Err(e) => {
+                                failures.lock().unwrap().push(e.to_string());
+                                conn = None;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            threads,
+            ok,
+            failures,
+            pids,
+        }
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn pids(&self) -> BTreeSet<i32> {
+        self.pids.lock().unwrap().clone()
+    }
+
+    /// Wait for the clients to send their `limit` requests.
+    pub fn wait(self) -> LoadResult {
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        LoadResult {
+            ok: self.ok.load(Ordering::Relaxed),
+            failures: self.failures.lock().unwrap().clone(),
+            pids: self.pids.lock().unwrap().clone(),
+        }
+    }
+
+    /// Stop the clients after their current request.
+    pub fn finish(self) -> LoadResult {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wait()
+    }
 }
