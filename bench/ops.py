@@ -116,11 +116,17 @@ def recycle():
     return r
 
 
-def hup_roll():
-    s = Server("workers = 2")
+def under_load(conf):
+    """A server with its workers ready and 8 clients sending for 2 s already."""
+    s = Server(conf)
     s.wait("worker ready", 2)
     c = Clients(s.port, 8)
     time.sleep(2)
+    return s, c
+
+
+def hup_roll():
+    s, c = under_load("workers = 2")
     s.write("workers = 3")
     os.kill(s.proc.pid, signal.SIGHUP)
     s.wait("retired by a reload", 2)
@@ -131,10 +137,7 @@ def hup_roll():
 
 
 def usr2_upgrade():
-    s = Server("workers = 2")
-    s.wait("worker ready", 2)
-    c = Clients(s.port, 8)
-    time.sleep(2)
+    s, c = under_load("workers = 2")
     t0 = time.monotonic()
     os.kill(s.proc.pid, signal.SIGUSR2)
     new_master = int(s.wait(r"started a new master.*new_master=(\d+)").group(1))

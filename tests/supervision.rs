@@ -31,12 +31,12 @@ fn recycling_after_max_requests_drops_no_request() {
         failures,
         pids: seen,
     } = Load::start(server.port, 8, Some(300)).wait();
-    assert_eq!(ok, 300);
     assert!(
         failures.is_empty(),
         "failed requests: {failures:?}\n{}",
         server.log_text()
     );
+    assert_eq!(ok, 300);
     // 300 requests at 20 per worker: many generations of workers answered.
     assert!(
         seen.len() >= 8,
