@@ -348,7 +348,7 @@ impl Arbiter {
     /// Workers reopen the log file themselves, after dropping their privileges: it must be
     /// theirs.
     pub fn give_log_to_workers(&self) {
-        if let Some((uid, gid)) = self.config.worker_settings(0).run_as {
+        if let Some((uid, gid)) = self.config.run_as {
             if let Err(e) = forkserve_worker::logging::chown_file(uid, gid) {
                 tracing::warn!(error = %e, "cannot give the log file to the workers' user; they cannot reopen it on USR1");
             }

@@ -74,6 +74,10 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub log: LogConfig,
     pub testing: TestingConfig,
+    /// (uid, gid) for the workers, resolved from `user`/`group` when the config is loaded, so
+    /// that spawning a worker never looks up a user.
+    #[serde(skip)]
+    pub run_as: Option<(u32, u32)>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -137,6 +141,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             log: LogConfig::default(),
             testing: TestingConfig::default(),
+            run_as: None,
         }
     }
 }
@@ -315,6 +320,8 @@ impl Config {
             })?;
         config.apply(overrides);
         config.validate()?;
+        config.run_as = crate::privileges::resolve(&config)
+            .map_err(|(key, reason)| ConfigError::new(key, reason))?;
         Ok(config)
     }
 
@@ -427,7 +434,7 @@ impl Config {
         if let Some(mode) = self.socket_mode {
             range("socket_mode", mode, 0, 0o777)?;
         }
-        crate::privileges::resolve(self).map_err(|(key, reason)| ConfigError::new(key, reason))?;
+
         if self.model.path.as_os_str().is_empty() {
             return Err(ConfigError::new("model.path", "must not be empty"));
         }
@@ -452,7 +459,7 @@ impl Config {
                 min_cluster_size: self.cluster.min_cluster_size,
             },
             boot_delay: secs(self.testing.boot_delay),
-            run_as: crate::privileges::resolve(self).ok().flatten(),
+            run_as: self.run_as,
         }
     }
 

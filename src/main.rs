@@ -142,7 +142,7 @@ fn start(
         }
         None => None,
     };
-    if let Some((uid, gid)) = config.worker_settings(0).run_as {
+    if let Some((uid, gid)) = config.run_as {
         tracing::info!(uid, gid, "workers will run as uid {uid}, gid {gid}");
     }
     tracing::info!(
