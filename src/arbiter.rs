@@ -501,6 +501,7 @@ impl Arbiter {
         let lived = worker.spawned_at.elapsed().as_secs_f64();
         if let Some(reason) = worker.stopping {
             *self.restarts.entry(reason.counter()).or_default() += 1;
+            self.scoreboard.metrics().count_restart(reason.counter());
             if reason == StopReason::BootTimeout {
                 // Counted as a failed boot when it was killed (see murder_workers).
                 tracing::info!(pid = pid.as_raw(), %how, "worker that never booted is gone");
@@ -537,12 +538,14 @@ impl Arbiter {
             _ => "",
         };
         *self.restarts.entry("crash").or_default() += 1;
+        self.scoreboard.metrics().count_restart("crash");
         tracing::error!(pid = pid.as_raw(), %how, "worker died unexpectedly{hint}; replacing it");
     }
 
     fn boot_failed(&mut self, pid: Pid, why: &str) {
         self.boot_failures += 1;
         *self.restarts.entry("boot_failure").or_default() += 1;
+        self.scoreboard.metrics().count_restart("boot_failure");
         let max = self.config.max_boot_failures;
         if self.boot_failures >= max {
             tracing::error!(
@@ -746,23 +749,26 @@ impl Arbiter {
         }
     }
 
-    /// `max_worker_memory`: once a second, read each ready worker's private memory (USS:
-    /// Private_Clean + Private_Dirty; never RSS, which counts the shared weights). Three
-    /// samples in a row over the limit mark it retiring: it is replaced the graceful way.
+    /// Once a second, read each worker's private memory (USS: Private_Clean + Private_Dirty;
+    /// never RSS, which counts the shared weights) into its slot, for /metrics. With
+    /// `max_worker_memory`, three samples in a row over the limit mark a worker retiring: it
+    /// is replaced the graceful way.
     fn sample_memory(&mut self) {
-        let limit = self.config.max_worker_memory.0;
-        if limit == 0 || self.last_memory_sample.elapsed() < MEMORY_SAMPLE_PERIOD {
+        if self.last_memory_sample.elapsed() < MEMORY_SAMPLE_PERIOD {
             return;
         }
         self.last_memory_sample = Instant::now();
+        let limit = self.config.max_worker_memory.0;
         for (pid, w) in self.workers.iter_mut() {
             let slot = self.scoreboard.slot(w.slot);
-            if w.stopping.is_some() || slot.state() != WorkerState::Ready {
-                continue;
-            }
             let Some(uss) = crate::memory::private_bytes(pid.as_raw()) else {
                 continue;
             };
+            slot.private_bytes
+                .store(uss, std::sync::atomic::Ordering::Relaxed);
+            if limit == 0 || w.stopping.is_some() || slot.state() != WorkerState::Ready {
+                continue;
+            }
             w.memory_strikes = if uss > limit { w.memory_strikes + 1 } else { 0 };
             if w.memory_strikes >= MEMORY_STRIKES
                 && slot.transition(WorkerState::Ready, WorkerState::Retiring)
@@ -854,6 +860,7 @@ impl Arbiter {
         forkserve_worker::run(WorkerContext {
             listeners,
             slot: self.scoreboard.slot(slot),
+            board: self.scoreboard.board(),
             embedder: self.embedder.clone(),
             settings: self.config.worker_settings(max_requests),
             master_pid: self.pid,

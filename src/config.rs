@@ -85,6 +85,8 @@ pub struct Config {
 pub struct ModelConfig {
     /// Directory with model.safetensors, tokenizer.json, config.json.
     pub path: PathBuf,
+    /// Name in /info and /v1/embeddings. Unset: the directory's name.
+    pub name: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -101,6 +103,10 @@ pub struct LogConfig {
     pub level: String,
     /// Error log file (reopened on USR1). Unset: stderr.
     pub file: Option<PathBuf>,
+    /// "text" or "json" (one JSON object per line).
+    pub format: String,
+    /// One line per request (gunicorn's fields).
+    pub access_log: bool,
 }
 
 /// Settings that exist only so tests can provoke failures. Never set them in production.
@@ -150,6 +156,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             path: PathBuf::from("models/all-MiniLM-L6-v2"),
+            name: None,
         }
     }
 }
@@ -169,6 +176,8 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             file: None,
+            format: "text".into(),
+            access_log: true,
         }
     }
 }
@@ -427,6 +436,12 @@ impl Config {
                 ),
             ));
         }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            return Err(ConfigError::new(
+                "log.format",
+                format!("must be \"text\" or \"json\"; got {:?}", self.log.format),
+            ));
+        }
         seconds("testing.boot_delay", self.testing.boot_delay, true)?;
         if let Some(mask) = self.umask {
             range("umask", mask, 0, 0o777)?;
@@ -460,7 +475,20 @@ impl Config {
             },
             boot_delay: secs(self.testing.boot_delay),
             run_as: self.run_as,
+            model_name: self.model_name(),
+            access_log: self.log.access_log,
         }
+    }
+
+    /// The model's public name: `model.name`, or the model directory's name.
+    pub fn model_name(&self) -> String {
+        self.model.name.clone().unwrap_or_else(|| {
+            self.model
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        })
     }
 
     pub fn to_toml(&self) -> String {
@@ -597,6 +625,7 @@ mod tests {
             ("bind = \"nohost\"", "bind"),
             ("[cluster]\nthreshold = 1.5", "cluster.threshold"),
             ("[log]\nlevel = \"loud\"", "log.level"),
+            ("[log]\nformat = \"xml\"", "log.format"),
         ] {
             let e = from_str(text).unwrap_err();
             assert_eq!(e.key, key, "{text}: {e}");

@@ -71,7 +71,8 @@ fn main() -> ExitCode {
     if let Some(mask) = config.umask {
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
     }
-    if let Err(e) = logging::init(&config.log.level, config.log.file.as_deref()) {
+    let json = config.log.format == "json";
+    if let Err(e) = logging::init(&config.log.level, config.log.file.as_deref(), json) {
         eprintln!("forkserve: configuration error: log.file: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }

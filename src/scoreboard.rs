@@ -5,31 +5,52 @@
 
 use std::num::NonZeroUsize;
 
-use forkserve_worker::protocol::{WorkerSlot, WorkerState};
+use forkserve_worker::protocol::{Board, SharedMetrics, WorkerSlot, WorkerState};
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 
 pub struct Scoreboard {
     slots: &'static [WorkerSlot],
+    metrics: &'static SharedMetrics,
 }
 
 impl Scoreboard {
     pub fn new(capacity: usize) -> nix::Result<Scoreboard> {
-        let len = NonZeroUsize::new(capacity.max(1) * std::mem::size_of::<WorkerSlot>())
+        let capacity = capacity.max(1);
+        // Slots first (64-byte aligned at the page start), then the counters, which need 8.
+        let slots_len = capacity * std::mem::size_of::<WorkerSlot>();
+        let len = NonZeroUsize::new(slots_len + std::mem::size_of::<SharedMetrics>())
             .ok_or(nix::Error::EINVAL)?;
         // SAFETY: a fresh anonymous mapping aliases nothing. The kernel zero-fills it, and all
-        // zeroes is a valid `WorkerSlot` (atomics at 0 = a free slot). The mapping is page
-        // aligned, which satisfies the slot's 64-byte alignment. It is never unmapped, so the
-        // `'static` slice stays valid for the life of the process (and of every forked worker).
-        let slots = unsafe {
+        // zeroes is a valid `WorkerSlot` (a free slot) and a valid `SharedMetrics` (counters at
+        // 0): both are `repr(C)` structs of atomics. The mapping is page aligned and
+        // `slots_len` is a multiple of 64, so both parts are aligned. It is never unmapped, so
+        // the `'static` references stay valid for the life of the process and of every forked
+        // worker.
+        let (slots, metrics) = unsafe {
             let ptr = mmap_anonymous(
                 None,
                 len,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
             )?;
-            std::slice::from_raw_parts(ptr.as_ptr() as *const WorkerSlot, capacity.max(1))
+            let base = ptr.as_ptr() as *mut u8;
+            (
+                std::slice::from_raw_parts(base as *const WorkerSlot, capacity),
+                &*(base.add(slots_len) as *const SharedMetrics),
+            )
         };
-        Ok(Scoreboard { slots })
+        Ok(Scoreboard { slots, metrics })
+    }
+
+    pub fn board(&self) -> Board {
+        Board {
+            slots: self.slots,
+            metrics: self.metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &'static SharedMetrics {
+        self.metrics
     }
 
     /// Take a free slot for a worker about to be forked. Only the master claims and releases

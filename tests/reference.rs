@@ -48,7 +48,7 @@ fn tokens_and_embeddings_match_sentence_transformers() {
 
     // As the server batches (sorted by length, token budget), and one sentence at a time.
     for budget in [8192, 1] {
-        let got = embed_all(&model, &tokens, budget).unwrap();
+        let got = embed_all(&model, &tokens, budget, true).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let norm: f32 = g.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!(

@@ -70,6 +70,73 @@ pub fn community_detection(embeddings: &[Vec<f32>], threshold: f32, min_size: us
     }
 }
 
+/// Agglomerative clustering with average linkage on cosine similarity: start with every
+/// sentence alone, repeatedly merge the two clusters whose average pairwise similarity is
+/// highest, and stop when it falls below `threshold` (so `threshold` means the same as in
+/// `community_detection`: "at least this similar"). Average linkage is monotonic, so this is
+/// the usual dendrogram cut at cosine distance `1 - threshold` (scipy's `fcluster` with
+/// `criterion="distance"`). Clusters smaller than `min_size` are reported as unclustered.
+/// O(n³) in the worst case, fine for the request sizes allowed (`max_sentences`).
+pub fn agglomerative(embeddings: &[Vec<f32>], threshold: f32, min_size: usize) -> Clustering {
+    let n = embeddings.len();
+    // f64: averages of averages over hundreds of merges must not drift.
+    let mut sim: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| cosine(&embeddings[i], &embeddings[j]) as f64)
+                .collect()
+        })
+        .collect();
+    let mut members: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
+    let mut active = vec![true; n];
+    loop {
+        // The most similar pair of live clusters; the first such pair on ties.
+        let mut best: Option<(usize, usize, f64)> = None;
+        for a in (0..n).filter(|&a| active[a]) {
+            for b in (a + 1..n).filter(|&b| active[b]) {
+                if best.is_none_or(|(_, _, s)| sim[a][b] > s) {
+                    best = Some((a, b, sim[a][b]));
+                }
+            }
+        }
+        let Some((a, b, s)) = best else { break };
+        if s < threshold as f64 {
+            break;
+        }
+        // Lance–Williams update for average linkage: the merged cluster's average similarity
+        // to k is the size-weighted mean of its parts'.
+        let (na, nb) = (members[a].len() as f64, members[b].len() as f64);
+        for k in (0..n).filter(|&k| active[k] && k != a && k != b) {
+            let merged = (na * sim[a][k] + nb * sim[b][k]) / (na + nb);
+            sim[a][k] = merged;
+            sim[k][a] = merged;
+        }
+        let moved = std::mem::take(&mut members[b]);
+        members[a].extend(moved);
+        active[b] = false;
+    }
+    let mut clusters: Vec<Vec<usize>> = Vec::new();
+    let mut unclustered = Vec::new();
+    for (i, mut m) in members.into_iter().enumerate() {
+        if !active[i] {
+            continue;
+        }
+        m.sort_unstable();
+        if m.len() >= min_size.max(1) {
+            clusters.push(m);
+        } else {
+            unclustered.extend(m);
+        }
+    }
+    // Largest first; equal sizes by their first sentence.
+    clusters.sort_by(|x, y| y.len().cmp(&x.len()).then(x[0].cmp(&y[0])));
+    unclustered.sort_unstable();
+    Clustering {
+        clusters,
+        unclustered,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +202,63 @@ mod tests {
     fn empty_input() {
         let c = community_detection(&[], 0.5, 1);
         assert!(c.clusters.is_empty() && c.unclustered.is_empty());
+        let c = agglomerative(&[], 0.5, 1);
+        assert!(c.clusters.is_empty() && c.unclustered.is_empty());
+    }
+
+    #[test]
+    fn agglomerative_uses_the_average_not_the_closest_pair() {
+        // 0-1 and 1-2 are each close, 0-2 is far: single linkage would chain all three;
+        // average linkage merges one pair, whose average similarity to the third is too low.
+        let e = vec![unit(&[1.0, 0.0]), unit(&[1.0, 1.0]), unit(&[0.0, 1.0])];
+        // cos(0,1) = cos(1,2) = 0.707, cos(0,2) = 0: the merged pair's average to the
+        // third is 0.354.
+        let c = agglomerative(&e, 0.6, 1);
+        assert_eq!(c.clusters, vec![vec![0, 1], vec![2]]);
+        let c = agglomerative(&e, 0.3, 1);
+        assert_eq!(c.clusters, vec![vec![0, 1, 2]]);
+        every_index_once(&c, 3);
+    }
+
+    #[test]
+    fn agglomerative_two_groups_and_min_size() {
+        let e = vec![
+            unit(&[1.0, 0.1, 0.0]),
+            unit(&[0.0, 1.0, 0.1]),
+            unit(&[1.0, 0.0, 0.1]),
+            unit(&[0.1, 1.0, 0.0]),
+            unit(&[0.9, 0.1, 0.1]),
+            unit(&[0.0, 0.0, 1.0]),
+        ];
+        let c = agglomerative(&e, 0.8, 1);
+        assert_eq!(c.clusters, vec![vec![0, 2, 4], vec![1, 3], vec![5]]);
+        let c = agglomerative(&e, 0.8, 2);
+        assert_eq!(c.clusters, vec![vec![0, 2, 4], vec![1, 3]]);
+        assert_eq!(c.unclustered, vec![5]);
+    }
+
+    #[test]
+    fn higher_thresholds_never_merge_more() {
+        let e: Vec<Vec<f32>> = (0..12)
+            .map(|i| {
+                unit(&[
+                    (i as f32).sin(),
+                    (i as f32 * 0.7).cos(),
+                    0.3 + (i % 3) as f32,
+                ])
+            })
+            .collect();
+        let mut last = 0;
+        for t in [0.2, 0.4, 0.6, 0.8, 0.95, 1.0] {
+            for c in [agglomerative(&e, t, 1), community_detection(&e, t, 1)] {
+                every_index_once(&c, 12);
+            }
+            let count = agglomerative(&e, t, 1).clusters.len();
+            assert!(
+                count >= last,
+                "threshold {t}: {count} clusters after {last}"
+            );
+            last = count;
+        }
     }
 }

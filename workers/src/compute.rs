@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use crate::embedder::{EmbedError, Embedder, Tokens};
-use crate::protocol::{monotonic_ms, WorkerSlot};
+use crate::protocol::{monotonic_ms, SharedMetrics, WorkerSlot};
 
 type Job = Box<dyn FnOnce(&dyn Embedder) + Send>;
 
@@ -34,12 +34,13 @@ impl Compute {
         embedder: Arc<dyn Embedder>,
         pool: rayon::ThreadPool,
         slot: &'static WorkerSlot,
+        metrics: &'static SharedMetrics,
         max_queue: usize,
     ) -> std::io::Result<Compute> {
         let (jobs, queue) = mpsc::sync_channel::<Job>(max_queue.max(1));
         std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || run_jobs(queue, embedder, pool, slot))?;
+            .spawn(move || run_jobs(queue, embedder, pool, slot, metrics))?;
         Ok(Compute { jobs })
     }
 
@@ -67,6 +68,7 @@ fn run_jobs(
     embedder: Arc<dyn Embedder>,
     pool: rayon::ThreadPool,
     slot: &'static WorkerSlot,
+    metrics: &'static SharedMetrics,
 ) {
     while let Ok(job) = queue.recv() {
         // busy_since lets the master see a computation that makes no progress, even though
@@ -76,6 +78,7 @@ fn run_jobs(
         let embedder = Progress {
             inner: embedder.as_ref(),
             slot,
+            metrics,
         };
         // A panic is a bug, but it must cost only the request that hit it, not the worker and
         // every request queued behind it: the job's reply channel is dropped and that request
@@ -89,10 +92,12 @@ fn run_jobs(
     }
 }
 
-/// The embedder as jobs see it: every finished batch counts as progress.
+/// The embedder as jobs see it: every finished batch counts as progress, and is counted in the
+/// server's metrics.
 struct Progress<'a> {
     inner: &'a dyn Embedder,
     slot: &'static WorkerSlot,
+    metrics: &'static SharedMetrics,
 }
 
 impl Embedder for Progress<'_> {
@@ -107,6 +112,10 @@ impl Embedder for Progress<'_> {
     }
     fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let out = self.inner.embed_batch(batch);
+        let tokens: usize = batch.iter().map(|t| t.len()).sum();
+        let longest = batch.iter().map(|t| t.len()).max().unwrap_or(0);
+        self.metrics
+            .count_batch(batch.len(), tokens, longest * batch.len());
         self.slot
             .busy_since_ms
             .store(monotonic_ms(), Ordering::Release);

@@ -55,19 +55,27 @@ pub trait Embedder: Send + Sync {
     fn max_tokens(&self) -> usize;
     /// Tokenize one sentence, truncating it to `max_tokens()`.
     fn tokenize(&self, text: &str) -> Result<Tokens, EmbedError>;
-    /// Embed one batch, padded to its longest member. Returns one normalised vector per input,
-    /// in input order.
+    /// Embed one batch, padded to its longest member. Returns one pooled (not yet normalised)
+    /// vector per input, in input order.
     fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError>;
+}
+
+/// Scale to unit length, as sentence-transformers' Normalize module does (`F.normalize`, whose
+/// epsilon keeps an all-zero vector at zero).
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
 }
 
 /// Embed many tokenized sentences with as little padding as possible: sort by length, cut into
 /// batches whose padded size (`longest × count`) stays within `max_batch_tokens`, and put the
 /// results back in input order. One long sentence then no longer pads every short one to its
-/// length.
+/// length. `unit` normalises every vector.
 pub fn embed_all(
     embedder: &dyn Embedder,
     tokens: &[Tokens],
     max_batch_tokens: usize,
+    unit: bool,
 ) -> Result<Vec<Vec<f32>>, EmbedError> {
     let mut order: Vec<usize> = (0..tokens.len()).collect();
     order.sort_by_key(|&i| tokens[i].len());
@@ -76,7 +84,10 @@ pub fn embed_all(
     for batch in length_batches(&order, tokens, max_batch_tokens) {
         let refs: Vec<&Tokens> = batch.iter().map(|&i| &tokens[i]).collect();
         let vectors = embedder.embed_batch(&refs)?;
-        for (&i, v) in batch.iter().zip(vectors) {
+        for (&i, mut v) in batch.iter().zip(vectors) {
+            if unit {
+                normalize(&mut v);
+            }
             out[i] = v;
         }
     }
@@ -153,7 +164,7 @@ mod tests {
     fn one_long_sentence_does_not_pad_the_short_ones() {
         let rec = Recorder(Mutex::new(Vec::new()));
         let input = toks(&[5, 200, 6, 4, 5]);
-        let out = embed_all(&rec, &input, 256).unwrap();
+        let out = embed_all(&rec, &input, 256, false).unwrap();
         let batches = rec.0.into_inner().unwrap();
         assert_eq!(batches, vec![vec![4, 5, 5, 6], vec![200]]);
         // Results come back in input order.
@@ -167,7 +178,7 @@ mod tests {
     fn budget_bounds_padded_tokens() {
         let rec = Recorder(Mutex::new(Vec::new()));
         let input = toks(&[10; 25]);
-        embed_all(&rec, &input, 100).unwrap();
+        embed_all(&rec, &input, 100, false).unwrap();
         let batches = rec.0.into_inner().unwrap();
         assert_eq!(
             batches.iter().map(Vec::len).collect::<Vec<_>>(),
@@ -181,14 +192,24 @@ mod tests {
     #[test]
     fn oversized_sentence_is_a_batch_of_one() {
         let rec = Recorder(Mutex::new(Vec::new()));
-        embed_all(&rec, &toks(&[300, 3]), 100).unwrap();
+        embed_all(&rec, &toks(&[300, 3]), 100, false).unwrap();
         assert_eq!(rec.0.into_inner().unwrap(), vec![vec![3], vec![300]]);
+    }
+
+    #[test]
+    fn normalize_gives_unit_length_and_keeps_zero() {
+        let mut v = vec![3.0, 4.0];
+        normalize(&mut v);
+        assert_eq!(v, vec![0.6, 0.8]);
+        let mut z = vec![0.0; 3];
+        normalize(&mut z);
+        assert_eq!(z, vec![0.0; 3]);
     }
 
     #[test]
     fn empty_input_embeds_nothing() {
         let rec = Recorder(Mutex::new(Vec::new()));
-        assert!(embed_all(&rec, &[], 100).unwrap().is_empty());
+        assert!(embed_all(&rec, &[], 100, true).unwrap().is_empty());
         assert!(rec.0.into_inner().unwrap().is_empty());
     }
 }

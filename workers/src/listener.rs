@@ -54,10 +54,17 @@ pub enum Stream {
 }
 
 impl Listener {
-    pub async fn accept(&self) -> io::Result<Stream> {
+    /// The next connection and the client's address as the access log shows it.
+    pub async fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
-            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
-            Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l
+                .accept()
+                .await
+                .map(|(s, peer)| (Stream::Tcp(s), peer.ip().to_string())),
+            Listener::Unix(l) => l
+                .accept()
+                .await
+                .map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
         }
     }
 }

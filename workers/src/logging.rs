@@ -24,17 +24,26 @@ pub fn parse_level(level: &str) -> LevelFilter {
     level.parse().unwrap_or(LevelFilter::INFO)
 }
 
-/// Install the subscriber. `file` None logs to stderr.
-pub fn init(level: &str, file: Option<&Path>) -> io::Result<()> {
+/// Install the subscriber. `file` None logs to stderr; `json` writes one JSON object per line.
+pub fn init(level: &str, file: Option<&Path>, json: bool) -> io::Result<()> {
     let opened = match file {
         Some(path) => Some((path.to_path_buf(), open_append(path)?)),
         None => None,
     };
     let (filter, handle) = reload::Layer::new(parse_level(level));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_target(false)
-        .with_ansi(false)
-        .with_writer(LogWriter);
+    let text = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(false)
+            .with_writer(LogWriter)
+    });
+    let json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_writer(LogWriter)
+    });
     if STATE
         .set(LogState {
             level: handle,
@@ -46,7 +55,8 @@ pub fn init(level: &str, file: Option<&Path>) -> io::Result<()> {
     }
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(fmt)
+        .with(text)
+        .with(json)
         .try_init();
     Ok(())
 }

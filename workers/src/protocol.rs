@@ -71,6 +71,8 @@ pub struct WorkerSlot {
     pub in_flight: AtomicU32,
     /// Open client connections right now.
     pub connections: AtomicU32,
+    /// Private memory (USS) as last sampled by the master, in bytes.
+    pub private_bytes: AtomicU64,
 }
 
 impl WorkerSlot {
@@ -107,6 +109,154 @@ impl WorkerSlot {
     }
 }
 
+/// Routes as counted in metrics; anything else is "other".
+pub const ROUTES: [&str; 10] = [
+    "/cluster",
+    "/embed",
+    "/v1/embeddings",
+    "/info",
+    "/health",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "/",
+    "other",
+];
+/// Status codes counted one by one; anything else is counted as "other".
+pub const STATUSES: [u16; 12] = [200, 400, 404, 405, 408, 413, 415, 422, 431, 500, 503, 0];
+/// Upper bounds (seconds) of the request-latency histogram; the last is +Inf.
+pub const LATENCY_BUCKETS: [f64; 13] = [
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    f64::INFINITY,
+];
+/// Upper bounds of the inference batch-size histogram (sentences per forward pass).
+pub const BATCH_BUCKETS: [f64; 11] = [
+    1.0,
+    2.0,
+    4.0,
+    8.0,
+    16.0,
+    32.0,
+    64.0,
+    128.0,
+    256.0,
+    512.0,
+    f64::INFINITY,
+];
+/// Why workers were replaced, as counted by the master.
+pub const RESTART_REASONS: [&str; 7] = [
+    "max_requests",
+    "memory",
+    "reload",
+    "timeout",
+    "boot_failure",
+    "crash",
+    "scale_down",
+];
+
+/// A histogram of atomics: per-bucket counts (not cumulative), the sum in micro-units and the
+/// count.
+#[repr(C)]
+pub struct Histogram<const N: usize> {
+    pub buckets: [AtomicU64; N],
+    pub sum_micros: AtomicU64,
+    pub count: AtomicU64,
+}
+
+impl<const N: usize> Histogram<N> {
+    pub fn observe(&self, bounds: &[f64; N], value: f64) {
+        let i = bounds.iter().position(|&b| value <= b).unwrap_or(N - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Counters for the whole server, in the scoreboard's shared mapping: every worker adds to
+/// them, any worker reports them, and they outlive the workers that counted them. All zeroes
+/// is the valid initial state.
+#[repr(C)]
+pub struct SharedMetrics {
+    /// Requests by route and status.
+    pub requests: [[AtomicU64; STATUSES.len()]; ROUTES.len()],
+    /// Request latency by route.
+    pub latency: [Histogram<{ LATENCY_BUCKETS.len() }>; ROUTES.len()],
+    /// Sentences per forward pass.
+    pub batch_size: Histogram<{ BATCH_BUCKETS.len() }>,
+    /// Real tokens run through the model.
+    pub tokens: AtomicU64,
+    /// Tokens including padding (the compute actually spent).
+    pub padded_tokens: AtomicU64,
+    /// Worker replacements by reason (`RESTART_REASONS`).
+    pub restarts: [AtomicU64; RESTART_REASONS.len()],
+}
+
+impl Default for SharedMetrics {
+    fn default() -> Self {
+        SharedMetrics {
+            requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            latency: std::array::from_fn(|_| Histogram::default()),
+            batch_size: Histogram::default(),
+            tokens: AtomicU64::new(0),
+            padded_tokens: AtomicU64::new(0),
+            restarts: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl SharedMetrics {
+    pub fn count_request(&self, route: usize, status: u16, seconds: f64) {
+        let s = STATUSES
+            .iter()
+            .position(|&c| c == status)
+            .unwrap_or(STATUSES.len() - 1);
+        self.requests[route][s].fetch_add(1, Ordering::Relaxed);
+        self.latency[route].observe(&LATENCY_BUCKETS, seconds);
+    }
+
+    pub fn count_batch(&self, sentences: usize, tokens: usize, padded: usize) {
+        self.batch_size.observe(&BATCH_BUCKETS, sentences as f64);
+        self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        self.padded_tokens
+            .fetch_add(padded as u64, Ordering::Relaxed);
+    }
+
+    pub fn count_restart(&self, reason: &str) {
+        if let Some(i) = RESTART_REASONS.iter().position(|&r| r == reason) {
+            self.restarts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The shared scoreboard as every process sees it: all slots, and the server-wide counters.
+#[derive(Clone, Copy)]
+pub struct Board {
+    pub slots: &'static [WorkerSlot],
+    pub metrics: &'static SharedMetrics,
+}
+
 /// Milliseconds on `CLOCK_MONOTONIC`. The same clock in every process of the machine, which is
 /// what lets a worker write a heartbeat that the master can compare with its own "now".
 /// `std::time::Instant` cannot be shared between processes, so we read the clock directly.
@@ -125,6 +275,30 @@ mod tests {
     #[test]
     fn slot_is_one_cache_line() {
         assert_eq!(std::mem::size_of::<WorkerSlot>(), 64);
+    }
+
+    #[test]
+    fn histogram_counts_into_the_first_bucket_that_fits() {
+        let h: Histogram<3> = Histogram::default();
+        let bounds = [0.1, 1.0, f64::INFINITY];
+        for v in [0.05, 0.1, 0.5, 7.0] {
+            h.observe(&bounds, v);
+        }
+        let counts: Vec<u64> = h
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(counts, vec![2, 1, 1]);
+        assert_eq!(h.count.load(Ordering::Relaxed), 4);
+        assert_eq!(h.sum_micros.load(Ordering::Relaxed), 7_650_000);
+    }
+
+    #[test]
+    fn unknown_status_is_other() {
+        let m = SharedMetrics::default();
+        m.count_request(0, 418, 0.01);
+        assert_eq!(m.requests[0][STATUSES.len() - 1].load(Ordering::Relaxed), 1);
     }
 
     #[test]

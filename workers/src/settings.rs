@@ -46,4 +46,8 @@ pub struct WorkerSettings {
     pub boot_delay: Duration,
     /// (uid, gid) the worker switches to right after fork; None keeps the master's.
     pub run_as: Option<(u32, u32)>,
+    /// The model's name in `/info` and `/v1/embeddings`.
+    pub model_name: String,
+    /// One log line per request.
+    pub access_log: bool,
 }

@@ -10,17 +10,19 @@ use tokio::sync::watch;
 
 use crate::compute::Compute;
 use crate::embedder::Embedder;
-use crate::http::app::App;
+use crate::http::app::{App, ModelInfo};
 use crate::http::server::{accept_loop, ConnectionSettings, Connections};
 use crate::lifecycle::Lifecycle;
 use crate::listener::BoundSocket;
-use crate::protocol::{WorkerSlot, APP_LOAD_ERROR, WORKER_BOOT_ERROR};
+use crate::protocol::{Board, WorkerSlot, APP_LOAD_ERROR, WORKER_BOOT_ERROR};
 use crate::settings::WorkerSettings;
 
 /// Everything the master hands a freshly forked worker.
 pub struct WorkerContext {
     pub listeners: Vec<BoundSocket>,
     pub slot: &'static WorkerSlot,
+    /// The whole scoreboard: every slot and the server-wide counters (for /metrics).
+    pub board: Board,
     pub embedder: Arc<dyn Embedder>,
     pub settings: WorkerSettings,
     /// The master's pid: when our parent is no longer it, the master died.
@@ -116,6 +118,7 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
     let WorkerContext {
         listeners,
         slot,
+        board,
         embedder,
         settings,
         master_pid,
@@ -137,10 +140,15 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
         return WORKER_BOOT_ERROR;
     }
 
+    let model = ModelInfo {
+        name: settings.model_name.clone(),
+        dimension: embedder.dimension(),
+        max_tokens: embedder.max_tokens(),
+    };
     // Booting can take a while (and, in tests, be made to hang): a stop signal during it must
     // still be obeyed at once.
     let compute = tokio::select! {
-        booted = boot(embedder, pool, slot, &settings) => match booted {
+        booted = boot(embedder, pool, board, slot, &settings) => match booted {
             Ok(compute) => compute,
             Err(code) => return code,
         },
@@ -148,7 +156,13 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
     };
     let (drain_tx, drain_rx) = watch::channel(false);
     let connections = Connections::new(slot);
-    let app = Arc::new(App::new(compute, settings.clone(), lifecycle.clone()));
+    let app = Arc::new(App::new(
+        compute,
+        settings.clone(),
+        lifecycle.clone(),
+        board,
+        model,
+    ));
     let conn_settings = ConnectionSettings {
         keepalive: settings.keepalive,
         header_timeout: settings.header_timeout,
@@ -206,6 +220,7 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
 async fn boot(
     embedder: Arc<dyn Embedder>,
     pool: rayon::ThreadPool,
+    board: Board,
     slot: &'static WorkerSlot,
     settings: &WorkerSettings,
 ) -> Result<Compute, i32> {
@@ -213,10 +228,11 @@ async fn boot(
         tracing::warn!(delay = ?settings.boot_delay, "testing: delaying boot (boot_delay)");
         tokio::time::sleep(settings.boot_delay).await;
     }
-    let compute = Compute::start(embedder, pool, slot, settings.max_queue).map_err(|e| {
-        tracing::error!(error = %e, "cannot start the compute thread");
-        WORKER_BOOT_ERROR
-    })?;
+    let compute =
+        Compute::start(embedder, pool, slot, board.metrics, settings.max_queue).map_err(|e| {
+            tracing::error!(error = %e, "cannot start the compute thread");
+            WORKER_BOOT_ERROR
+        })?;
     warm_up(&compute).await.map_err(|e| {
         tracing::error!(error = %e, "warm-up inference failed");
         APP_LOAD_ERROR

@@ -2,79 +2,197 @@
 //! never candle or hyper internals beyond the request and response.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
-use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, REFERER, USER_AGENT,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::errors::ApiError;
 use super::types::{
-    parse_cluster_request, ClusterRequest, ClusterResponse, HealthResponse, RequestLimits,
+    parse_cluster_request, parse_embed_request, parse_openai_request, ClusterRequest,
+    ClusterResponse, EmbeddingValue, HealthResponse, InfoResponse, OpenAiEmbedding, OpenAiResponse,
+    OpenAiUsage, RequestLimits, ALGORITHMS,
 };
-use crate::cluster::community_detection;
+use super::{metrics, openapi, pages};
+use crate::cluster::{agglomerative, community_detection};
 use crate::compute::{Compute, ComputeError};
 use crate::embedder::{embed_all, EmbedError, Embedder, Tokens};
 use crate::lifecycle::Lifecycle;
+use crate::protocol::{Board, ROUTES};
 use crate::settings::WorkerSettings;
 
 pub static X_WORKER_PID: HeaderName = HeaderName::from_static("x-worker-pid");
 
-/// The routes this server knows, and which methods each takes.
-enum Route {
+/// What a request is for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Handler {
     Cluster,
+    Embed,
+    OpenAi,
+    Info,
     Health,
-    WrongMethod { allow: &'static str },
-    Unknown,
+    Metrics,
+    OpenApi,
+    Docs,
+    Index,
 }
 
-fn route(method: &Method, path: &str) -> Route {
-    match (path, method) {
-        ("/cluster", &Method::POST) => Route::Cluster,
-        ("/cluster", _) => Route::WrongMethod { allow: "POST" },
-        ("/health", &Method::GET | &Method::HEAD) => Route::Health,
-        ("/health", _) => Route::WrongMethod { allow: "GET, HEAD" },
-        _ => Route::Unknown,
-    }
+/// The route table: path, handler, and whether it takes POST (with a JSON body) or GET.
+const ROUTE_TABLE: [(&str, Handler, bool); 9] = [
+    ("/cluster", Handler::Cluster, true),
+    ("/embed", Handler::Embed, true),
+    ("/v1/embeddings", Handler::OpenAi, true),
+    ("/info", Handler::Info, false),
+    ("/health", Handler::Health, false),
+    ("/metrics", Handler::Metrics, false),
+    ("/openapi.json", Handler::OpenApi, false),
+    ("/docs", Handler::Docs, false),
+    ("/", Handler::Index, false),
+];
+
+/// The handler for a request, or the error for a wrong path or method; and the route's
+/// index in `protocol::ROUTES` for the metrics.
+fn route(method: &Method, path: &str) -> (usize, Result<Handler, ApiError>) {
+    let Some((path, handler, post)) = ROUTE_TABLE.iter().find(|(p, _, _)| *p == path) else {
+        return (ROUTES.len() - 1, Err(ApiError::NotFound(path.to_owned())));
+    };
+    let index = ROUTES
+        .iter()
+        .position(|r| r == path)
+        .unwrap_or(ROUTES.len() - 1);
+    let allowed = match post {
+        true => method == Method::POST,
+        false => method == Method::GET || method == Method::HEAD,
+    };
+    let result = match (allowed, post) {
+        (true, _) => Ok(*handler),
+        (false, true) => Err(ApiError::MethodNotAllowed { allow: "POST" }),
+        (false, false) => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
+    };
+    (index, result)
+}
+
+/// The model as the API describes it.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub dimension: usize,
+    pub max_tokens: usize,
 }
 
 pub struct App {
     compute: Compute,
     settings: Arc<WorkerSettings>,
-    pid: HeaderValue,
     lifecycle: Arc<Lifecycle>,
+    board: Board,
+    model: ModelInfo,
+    /// `/openapi.json`, rendered once with this server's limits.
+    openapi: Bytes,
+    pid: HeaderValue,
+}
+
+/// What the access log needs from a request, taken before its body is consumed.
+struct RequestLine {
+    method: Method,
+    target: String,
+    version: hyper::Version,
+    referer: String,
+    user_agent: String,
 }
 
 impl App {
-    pub fn new(compute: Compute, settings: Arc<WorkerSettings>, lifecycle: Arc<Lifecycle>) -> App {
+    pub fn new(
+        compute: Compute,
+        settings: Arc<WorkerSettings>,
+        lifecycle: Arc<Lifecycle>,
+        board: Board,
+        model: ModelInfo,
+    ) -> App {
+        let openapi = openapi::document(&openapi::SpecLimits {
+            max_sentences: settings.max_sentences,
+            dimension: model.dimension,
+            model: model.name.clone(),
+        })
+        .to_string()
+        .into();
         App {
             compute,
             settings,
-            pid: HeaderValue::from(std::process::id()),
             lifecycle,
+            board,
+            model,
+            openapi,
+            pid: HeaderValue::from(std::process::id()),
         }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let result = match route(req.method(), req.uri().path()) {
-            Route::Cluster => self.cluster(req).await,
-            Route::Health => Ok(self.health()),
-            Route::WrongMethod { allow } => Err(ApiError::MethodNotAllowed { allow }),
-            Route::Unknown => Err(ApiError::NotFound(req.uri().path().to_owned())),
+    pub async fn handle(&self, req: Request<Incoming>, remote: &str) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let line = RequestLine {
+            method: req.method().clone(),
+            target: req.uri().to_string(),
+            version: req.version(),
+            referer: header_text(&req, REFERER),
+            user_agent: header_text(&req, USER_AGENT),
+        };
+        let (route_index, handler) = route(req.method(), req.uri().path());
+        let result = match handler {
+            Ok(h) => self.dispatch(h, req).await,
+            Err(e) => Err(e),
         };
         let mut response = result.unwrap_or_else(ApiError::into_response);
         let headers = response.headers_mut();
         headers.insert(X_WORKER_PID.clone(), self.pid.clone());
-        self.lifecycle.request_done();
         if self.lifecycle.is_draining() {
             // This worker is going away: tell the client to open its next request elsewhere
             // rather than have the connection closed under it.
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
+        let elapsed = started.elapsed().as_secs_f64();
+        self.board
+            .metrics
+            .count_request(route_index, response.status().as_u16(), elapsed);
+        if self.settings.access_log {
+            access_log(remote, &line, &response, elapsed);
+        }
+        self.lifecycle.request_done();
         response
+    }
+
+    async fn dispatch(
+        &self,
+        handler: Handler,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        match handler {
+            Handler::Cluster => self.cluster(req).await,
+            Handler::Embed => self.embed(req).await,
+            Handler::OpenAi => self.openai(req).await,
+            Handler::Info => Ok(json_response(StatusCode::OK, &self.info())),
+            Handler::Health => Ok(self.health()),
+            Handler::Metrics => Ok(text_response(
+                metrics::CONTENT_TYPE,
+                metrics::render(&self.board),
+            )),
+            Handler::OpenApi => Ok(text_response("application/json", self.openapi.clone())),
+            Handler::Docs => Ok(text_response("text/html; charset=utf-8", pages::DOCS)),
+            Handler::Index => Ok(text_response("text/html; charset=utf-8", pages::INDEX)),
+        }
+    }
+
+    fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_sentences: self.settings.max_sentences,
+            dimension: self.model.dimension,
+        }
     }
 
     fn health(&self) -> Response<Full<Bytes>> {
@@ -88,20 +206,153 @@ impl App {
         }
     }
 
+    fn info(&self) -> InfoResponse {
+        InfoResponse {
+            model_id: self.model.name.clone(),
+            model_dtype: "float32",
+            dimension: self.model.dimension,
+            max_input_length: self.model.max_tokens,
+            pooling: "mean",
+            max_sentences: self.settings.max_sentences,
+            max_body_bytes: self.settings.max_body_bytes,
+            max_batch_tokens: self.settings.max_batch_tokens,
+            cluster_algorithms: ALGORITHMS,
+            default_threshold: self.settings.cluster.threshold,
+            default_min_cluster_size: self.settings.cluster.min_cluster_size,
+            version: env!("CARGO_PKG_VERSION"),
+            worker_pid: std::process::id(),
+        }
+    }
+
     async fn cluster(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
         let body = read_json(req, self.settings.max_body_bytes).await?;
-        let limits = RequestLimits {
-            max_sentences: self.settings.max_sentences,
-        };
-        let request = parse_cluster_request(body, limits, &self.settings.cluster)?;
-        let max_batch_tokens = self.settings.max_batch_tokens;
+        let request = parse_cluster_request(body, self.limits(), &self.settings.cluster)?;
+        let budget = self.settings.max_batch_tokens;
         let response = self
             .compute
-            .run(move |embedder| cluster_sentences(embedder, request, max_batch_tokens))
+            .run(move |embedder| cluster_sentences(embedder, request, budget))
             .await
             .map_err(compute_error)??;
         Ok(json_response(StatusCode::OK, &response))
     }
+
+    /// TEI's `POST /embed`: a list of vectors.
+    async fn embed(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+        let body = read_json(req, self.settings.max_body_bytes).await?;
+        let request = parse_embed_request(body, self.limits())?;
+        let budget = self.settings.max_batch_tokens;
+        let (vectors, _) = self
+            .compute
+            .run(move |embedder| {
+                encode(
+                    embedder,
+                    &request.inputs,
+                    "inputs",
+                    request.truncate,
+                    request.normalize,
+                    budget,
+                )
+            })
+            .await
+            .map_err(compute_error)??;
+        Ok(json_response(StatusCode::OK, &vectors))
+    }
+
+    /// OpenAI's `POST /v1/embeddings`.
+    async fn openai(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+        let body = read_json(req, self.settings.max_body_bytes).await?;
+        let request = parse_openai_request(body, self.limits())?;
+        if let Some(asked) = &request.model {
+            if !self.serves(asked) {
+                return Err(ApiError::ModelNotFound(format!(
+                    "model {asked:?} is not served here; this server serves {:?}",
+                    self.model.name
+                )));
+            }
+        }
+        let budget = self.settings.max_batch_tokens;
+        let input = request.input;
+        let (vectors, tokens) = self
+            .compute
+            .run(move |embedder| encode(embedder, &input, "input", true, true, budget))
+            .await
+            .map_err(compute_error)??;
+        let data = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(index, v)| OpenAiEmbedding {
+                object: "embedding",
+                index,
+                embedding: match request.base64 {
+                    true => EmbeddingValue::Base64(base64_f32(&v)),
+                    false => EmbeddingValue::Float(v),
+                },
+            })
+            .collect();
+        Ok(json_response(
+            StatusCode::OK,
+            &OpenAiResponse {
+                object: "list",
+                data,
+                model: self.model.name.clone(),
+                usage: OpenAiUsage {
+                    prompt_tokens: tokens,
+                    total_tokens: tokens,
+                },
+            },
+        ))
+    }
+
+    /// The served model answers to its name, with or without an organisation prefix
+    /// ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2").
+    fn serves(&self, asked: &str) -> bool {
+        let short = |n: &str| n.rsplit('/').next().unwrap_or(n).to_ascii_lowercase();
+        short(asked) == short(&self.model.name)
+    }
+}
+
+/// Tokenize (refusing over-long input unless `truncate`), embed, optionally normalise; runs on
+/// the compute thread. Returns the vectors and the number of tokens the model saw.
+fn encode(
+    embedder: &dyn Embedder,
+    texts: &[String],
+    field: &str,
+    truncate: bool,
+    unit: bool,
+    max_batch_tokens: usize,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let tokens = tokenize_all(embedder, texts, field)?;
+    if !truncate {
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| t.was_truncated()) {
+            return Err(ApiError::validation(
+                format!("{field}[{i}]"),
+                format!(
+                    "{} tokens, more than the model's maximum of {}; shorten it or send \"truncate\": true",
+                    t.untruncated_len,
+                    embedder.max_tokens()
+                ),
+            ));
+        }
+    }
+    let seen = tokens.iter().map(Tokens::len).sum();
+    let vectors = embed_all(embedder, &tokens, max_batch_tokens, unit).map_err(embed_error)?;
+    Ok((vectors, seen))
+}
+
+fn tokenize_all(
+    embedder: &dyn Embedder,
+    texts: &[String],
+    field: &str,
+) -> Result<Vec<Tokens>, ApiError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            embedder
+                .tokenize(s)
+                .map_err(|e| ApiError::validation(format!("{field}[{i}]"), e.to_string()))
+        })
+        .collect()
 }
 
 /// Tokenize, embed and cluster; runs on the compute thread.
@@ -110,18 +361,18 @@ fn cluster_sentences(
     request: ClusterRequest,
     max_batch_tokens: usize,
 ) -> Result<ClusterResponse, ApiError> {
-    let tokens = request
-        .sentences
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            embedder
-                .tokenize(s)
-                .map_err(|e| ApiError::validation(format!("sentences[{i}]"), e.to_string()))
-        })
-        .collect::<Result<Vec<Tokens>, ApiError>>()?;
-    let vectors = embed_all(embedder, &tokens, max_batch_tokens).map_err(embed_error)?;
-    let clustering = community_detection(&vectors, request.threshold, request.min_cluster_size);
+    let (vectors, _) = encode(
+        embedder,
+        &request.sentences,
+        "sentences",
+        true,
+        true,
+        max_batch_tokens,
+    )?;
+    let clustering = match request.algorithm {
+        "agglomerative" => agglomerative(&vectors, request.threshold, request.min_cluster_size),
+        _ => community_detection(&vectors, request.threshold, request.min_cluster_size),
+    };
     let texts = |idx: &[usize]| -> Vec<String> {
         idx.iter().map(|&i| request.sentences[i].clone()).collect()
     };
@@ -134,6 +385,12 @@ fn cluster_sentences(
         threshold: request.threshold,
         min_cluster_size: request.min_cluster_size,
     })
+}
+
+/// OpenAI's base64 encoding: the vector's little-endian f32 bytes.
+fn base64_f32(v: &[f32]) -> String {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 fn embed_error(e: EmbedError) -> ApiError {
@@ -150,6 +407,33 @@ fn compute_error(e: ComputeError) -> ApiError {
         }
         ComputeError::Failed => ApiError::Internal("internal error while computing".into()),
     }
+}
+
+fn header_text(req: &Request<Incoming>, name: HeaderName) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// One line per request with gunicorn's default fields: remote address, request line,
+/// status, response length, referer, user agent, duration, worker pid (the time is the log
+/// line's own). Structured fields, so `log.format = "json"` gives them as keys.
+fn access_log(remote: &str, line: &RequestLine, response: &Response<Full<Bytes>>, seconds: f64) {
+    let length = response.body().size_hint().exact().unwrap_or(0);
+    tracing::info!(
+        target: "forkserve::access",
+        remote,
+        request = %format_args!("{} {} {:?}", line.method, line.target, line.version),
+        status = response.status().as_u16(),
+        length,
+        referer = %line.referer,
+        user_agent = %line.user_agent,
+        duration_s = format_args!("{seconds:.6}").to_string(),
+        pid = std::process::id(),
+        "access"
+    );
 }
 
 /// Read a JSON body: the media type, the size (before buffering when the client announces
@@ -222,5 +506,44 @@ pub fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Ful
             r
         }
         Err(e) => ApiError::Internal(format!("cannot serialise the response: {e}")).into_response(),
+    }
+}
+
+fn text_response(content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_methods() {
+        assert_eq!(route(&Method::POST, "/cluster").1, Ok(Handler::Cluster));
+        assert_eq!(route(&Method::GET, "/metrics").1, Ok(Handler::Metrics));
+        assert_eq!(route(&Method::HEAD, "/health").1, Ok(Handler::Health));
+        assert_eq!(
+            route(&Method::GET, "/embed").1,
+            Err(ApiError::MethodNotAllowed { allow: "POST" })
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/info").1,
+            Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" })
+        );
+        let (index, r) = route(&Method::GET, "/nope");
+        assert_eq!(ROUTES[index], "other");
+        assert!(matches!(r, Err(ApiError::NotFound(_))));
+        assert_eq!(
+            ROUTES[route(&Method::POST, "/v1/embeddings").0],
+            "/v1/embeddings"
+        );
+    }
+
+    #[test]
+    fn base64_is_little_endian_f32() {
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
     }
 }

@@ -29,6 +29,8 @@ pub enum ApiError {
         allow: &'static str,
     },
     NotFound(String),
+    /// `/v1/embeddings` asked for a model this server does not serve.
+    ModelNotFound(String),
     /// The worker's queue is full (or it is shutting down): try again shortly.
     Overloaded(String),
     /// Our fault, not the client's.
@@ -56,7 +58,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -71,6 +73,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::NotFound(_) => "not_found",
+            ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::Internal(_) => "internal",
         }
@@ -87,6 +90,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(m) => m.clone(),
             ApiError::MethodNotAllowed { allow } => format!("method not allowed; use {allow}"),
             ApiError::NotFound(path) => format!("no route for {path}"),
+            ApiError::ModelNotFound(m) => m.clone(),
             ApiError::Overloaded(m) => m.clone(),
             ApiError::Internal(m) => m.clone(),
         }

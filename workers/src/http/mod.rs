@@ -2,5 +2,8 @@
 
 pub mod app;
 pub mod errors;
+pub mod metrics;
+pub mod openapi;
+pub mod pages;
 pub mod server;
 pub mod types;

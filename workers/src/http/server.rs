@@ -88,7 +88,7 @@ pub async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok(stream) => {
+            Ok((stream, remote)) => {
                 let guard = connections.track();
                 let app = app.clone();
                 let settings = settings.clone();
@@ -97,10 +97,10 @@ pub async fn accept_loop(
                     match stream {
                         crate::listener::Stream::Tcp(s) => {
                             let _ = s.set_nodelay(true);
-                            serve_connection(s, app, settings, draining).await
+                            serve_connection(s, remote, app, settings, draining).await
                         }
                         crate::listener::Stream::Unix(s) => {
-                            serve_connection(s, app, settings, draining).await
+                            serve_connection(s, remote, app, settings, draining).await
                         }
                     }
                     drop(guard);
@@ -137,6 +137,7 @@ impl Activity {
 
 async fn serve_connection<S>(
     stream: S,
+    remote: String,
     app: Arc<App>,
     settings: ConnectionSettings,
     mut draining: watch::Receiver<bool>,
@@ -147,14 +148,16 @@ async fn serve_connection<S>(
         in_flight: AtomicU32::new(0),
         last_ms: AtomicU64::new(monotonic_ms()),
     });
+    let remote: Arc<str> = remote.into();
     let service = {
         let activity = activity.clone();
         service_fn(move |req| {
             let app = app.clone();
             let activity = activity.clone();
+            let remote = remote.clone();
             async move {
                 activity.in_flight.fetch_add(1, Ordering::AcqRel);
-                let response = app.handle(req).await;
+                let response = app.handle(req, &remote).await;
                 activity.touch();
                 activity.in_flight.fetch_sub(1, Ordering::AcqRel);
                 Ok::<_, Infallible>(response)

@@ -8,8 +8,8 @@ use serde_json::{Map, Value};
 use super::errors::ApiError;
 use crate::settings::ClusterDefaults;
 
-/// Algorithms `POST /cluster` knows.
-pub const ALGORITHMS: &[&str] = &["community"];
+/// Algorithms `POST /cluster` knows; the first is the default.
+pub const ALGORITHMS: &[&str] = &["community", "agglomerative"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterRequest {
@@ -38,10 +38,73 @@ pub struct HealthResponse {
     pub status: &'static str,
 }
 
-/// Limits that depend on the configuration.
+/// `POST /embed`, TEI's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedRequest {
+    pub inputs: Vec<String>,
+    pub normalize: bool,
+    pub truncate: bool,
+}
+
+/// `POST /v1/embeddings`, OpenAI's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAiRequest {
+    pub input: Vec<String>,
+    pub model: Option<String>,
+    pub base64: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpenAiResponse {
+    pub object: &'static str,
+    pub data: Vec<OpenAiEmbedding>,
+    pub model: String,
+    pub usage: OpenAiUsage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpenAiEmbedding {
+    pub object: &'static str,
+    pub index: usize,
+    pub embedding: EmbeddingValue,
+}
+
+/// A vector as floats, or as base64 of its little-endian f32 bytes (`encoding_format`).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingValue {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpenAiUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InfoResponse {
+    pub model_id: String,
+    pub model_dtype: &'static str,
+    pub dimension: usize,
+    pub max_input_length: usize,
+    pub pooling: &'static str,
+    pub max_sentences: usize,
+    pub max_body_bytes: usize,
+    pub max_batch_tokens: usize,
+    pub cluster_algorithms: &'static [&'static str],
+    pub default_threshold: f32,
+    pub default_min_cluster_size: usize,
+    pub version: &'static str,
+    pub worker_pid: u32,
+}
+
+/// Limits that depend on the configuration and the model.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
     pub max_sentences: usize,
+    pub dimension: usize,
 }
 
 pub fn parse_cluster_request(
@@ -99,6 +162,116 @@ pub fn parse_cluster_request(
         min_cluster_size,
         algorithm,
     })
+}
+
+pub fn parse_embed_request(body: Value, limits: RequestLimits) -> Result<EmbedRequest, ApiError> {
+    let obj = as_object(body)?;
+    reject_unknown(
+        &obj,
+        &[
+            "inputs",
+            "normalize",
+            "truncate",
+            "truncation_direction",
+            "prompt_name",
+        ],
+    )?;
+    let inputs = one_or_many_strings(&obj, "inputs", limits.max_sentences)?;
+    let normalize = optional_bool(&obj, "normalize", true)?;
+    let truncate = optional_bool(&obj, "truncate", true)?;
+    match obj.get("truncation_direction") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(d)) if d.eq_ignore_ascii_case("right") => {}
+        Some(v) => {
+            return Err(ApiError::validation(
+                "truncation_direction",
+                format!("only \"right\" is supported, got {v}"),
+            ))
+        }
+    }
+    if !matches!(obj.get("prompt_name"), None | Some(Value::Null)) {
+        return Err(ApiError::validation(
+            "prompt_name",
+            "this model defines no prompts",
+        ));
+    }
+    Ok(EmbedRequest {
+        inputs,
+        normalize,
+        truncate,
+    })
+}
+
+pub fn parse_openai_request(body: Value, limits: RequestLimits) -> Result<OpenAiRequest, ApiError> {
+    let obj = as_object(body)?;
+    reject_unknown(
+        &obj,
+        &["input", "model", "encoding_format", "dimensions", "user"],
+    )?;
+    if let Some(Value::Array(items)) = obj.get("input") {
+        if items.iter().any(|v| v.is_number() || v.is_array()) {
+            return Err(ApiError::validation(
+                "input",
+                "token arrays are not supported; send strings",
+            ));
+        }
+    }
+    let input = one_or_many_strings(&obj, "input", limits.max_sentences)?;
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) => Some(m.clone()),
+        Some(v) => return Err(wrong_type("model", "a string", v)),
+    };
+    let base64 = match obj.get("encoding_format") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(f)) if f == "float" => false,
+        Some(Value::String(f)) if f == "base64" => true,
+        Some(v) => {
+            return Err(ApiError::validation(
+                "encoding_format",
+                format!("expected \"float\" or \"base64\", got {v}"),
+            ))
+        }
+    };
+    match obj.get("dimensions") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64() == Some(limits.dimension as u64) => {}
+        Some(v) => {
+            return Err(ApiError::validation(
+                "dimensions",
+                format!("this model has {} dimensions, got {v}", limits.dimension),
+            ))
+        }
+    }
+    match obj.get("user") {
+        None | Some(Value::Null) | Some(Value::String(_)) => {}
+        Some(v) => return Err(wrong_type("user", "a string", v)),
+    }
+    Ok(OpenAiRequest {
+        input,
+        model,
+        base64,
+    })
+}
+
+fn optional_bool(obj: &Map<String, Value>, field: &str, default: bool) -> Result<bool, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(wrong_type(field, "a boolean", v)),
+    }
+}
+
+/// A string, or a non-empty list of strings of at most `max` items.
+fn one_or_many_strings(
+    obj: &Map<String, Value>,
+    field: &str,
+    max: usize,
+) -> Result<Vec<String>, ApiError> {
+    match obj.get(field) {
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        _ => string_list(obj, field, max),
+    }
 }
 
 fn as_object(body: Value) -> Result<Map<String, Value>, ApiError> {
@@ -165,7 +338,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const LIMITS: RequestLimits = RequestLimits { max_sentences: 3 };
+    const LIMITS: RequestLimits = RequestLimits {
+        max_sentences: 3,
+        dimension: 384,
+    };
 
     fn parse(v: Value) -> Result<ClusterRequest, ApiError> {
         parse_cluster_request(v, LIMITS, &ClusterDefaults::default())
@@ -231,6 +407,66 @@ mod tests {
             "treshold"
         );
         assert_eq!(field_of(parse(json!([1, 2])).unwrap_err()), "body");
+    }
+
+    #[test]
+    fn embed_requests_take_a_string_or_a_list() {
+        let r = parse_embed_request(json!({"inputs": "a"}), LIMITS).unwrap();
+        assert_eq!(r.inputs, vec!["a"]);
+        assert!(r.normalize && r.truncate);
+        let r = parse_embed_request(
+            json!({"inputs": ["a", "b"], "normalize": false, "truncate": false}),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(r.inputs.len(), 2);
+        assert!(!r.normalize && !r.truncate);
+        for (body, field) in [
+            (json!({"inputs": []}), "inputs"),
+            (json!({"inputs": 3}), "inputs"),
+            (json!({"inputs": "a", "normalize": "yes"}), "normalize"),
+            (
+                json!({"inputs": "a", "truncation_direction": "Left"}),
+                "truncation_direction",
+            ),
+            (json!({"input": "a"}), "input"),
+        ] {
+            assert_eq!(
+                field_of(parse_embed_request(body, LIMITS).unwrap_err()),
+                field
+            );
+        }
+    }
+
+    #[test]
+    fn openai_requests() {
+        let r = parse_openai_request(
+            json!({"input": ["a"], "model": "m", "encoding_format": "base64"}),
+            LIMITS,
+        )
+        .unwrap();
+        assert!(r.base64);
+        assert_eq!(r.model.as_deref(), Some("m"));
+        assert!(
+            !parse_openai_request(json!({"input": "a"}), LIMITS)
+                .unwrap()
+                .base64
+        );
+        for (body, field) in [
+            (json!({"input": [1, 2]}), "input"),
+            (
+                json!({"input": "a", "encoding_format": "int8"}),
+                "encoding_format",
+            ),
+            (json!({"input": "a", "dimensions": 128}), "dimensions"),
+            (json!({"input": "a", "model": 5}), "model"),
+        ] {
+            assert_eq!(
+                field_of(parse_openai_request(body, LIMITS).unwrap_err()),
+                field
+            );
+        }
+        assert!(parse_openai_request(json!({"input": "a", "dimensions": 384}), LIMITS).is_ok());
     }
 
     #[test]

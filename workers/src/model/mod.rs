@@ -17,7 +17,8 @@ use crate::embedder::{EmbedError, Embedder, Tokens};
 pub use files::{LoadError, ModelFiles, ModelIdentity};
 use tokenizer::SentenceTokenizer;
 
-/// A BERT encoder with sentence-transformers' pooling (attention-masked mean, then L2 norm).
+/// A BERT encoder with sentence-transformers' pooling (attention-masked mean). Normalisation
+/// is the caller's choice (`embedder::embed_all`).
 pub struct SentenceEncoder {
     bert: BertModel,
     tokenizer: SentenceTokenizer,
@@ -69,9 +70,10 @@ impl SentenceEncoder {
         // Mean over real tokens only: padded positions are zeroed by the mask.
         let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
         let counts = mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
-        let mean = summed.broadcast_div(&counts)?;
-        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-        mean.broadcast_div(&norms)?.to_dtype(DType::F32)?.to_vec2()
+        summed
+            .broadcast_div(&counts)?
+            .to_dtype(DType::F32)?
+            .to_vec2()
     }
 }
 

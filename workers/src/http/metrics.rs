@@ -1,0 +1,236 @@
+//! `GET /metrics`: Prometheus text for the whole server, read from the shared scoreboard, so
+//! whichever worker answers reports every worker's requests, and counters outlive recycled
+//! workers (no prometheus_client multiprocess directory to manage).
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use crate::protocol::{
+    Board, Histogram, WorkerState, BATCH_BUCKETS, LATENCY_BUCKETS, RESTART_REASONS, ROUTES,
+    STATUSES,
+};
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub fn render(board: &Board) -> String {
+    let m = board.metrics;
+    let mut out = String::with_capacity(16 * 1024);
+
+    header(
+        &mut out,
+        "forkserve_requests_total",
+        "counter",
+        "HTTP requests answered, by route and status.",
+    );
+    for (r, route) in ROUTES.iter().enumerate() {
+        for (s, status) in STATUSES.iter().enumerate() {
+            let n = m.requests[r][s].load(Ordering::Relaxed);
+            if n > 0 {
+                let status = if *status == 0 {
+                    "other".to_string()
+                } else {
+                    status.to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "forkserve_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+    }
+
+    header(
+        &mut out,
+        "forkserve_request_duration_seconds",
+        "histogram",
+        "Time from request to response, by route.",
+    );
+    for (r, route) in ROUTES.iter().enumerate() {
+        if m.latency[r].count.load(Ordering::Relaxed) > 0 {
+            histogram(
+                &mut out,
+                "forkserve_request_duration_seconds",
+                &format!("route=\"{route}\","),
+                &m.latency[r],
+                &LATENCY_BUCKETS,
+            );
+        }
+    }
+
+    header(
+        &mut out,
+        "forkserve_inference_batch_size",
+        "histogram",
+        "Sentences per forward pass.",
+    );
+    histogram(
+        &mut out,
+        "forkserve_inference_batch_size",
+        "",
+        &m.batch_size,
+        &BATCH_BUCKETS,
+    );
+    header(
+        &mut out,
+        "forkserve_inference_tokens_total",
+        "counter",
+        "Real tokens run through the model.",
+    );
+    let _ = writeln!(
+        out,
+        "forkserve_inference_tokens_total {}",
+        m.tokens.load(Ordering::Relaxed)
+    );
+    header(
+        &mut out,
+        "forkserve_inference_padded_tokens_total",
+        "counter",
+        "Tokens including batch padding.",
+    );
+    let _ = writeln!(
+        out,
+        "forkserve_inference_padded_tokens_total {}",
+        m.padded_tokens.load(Ordering::Relaxed)
+    );
+
+    header(
+        &mut out,
+        "forkserve_worker_restarts_total",
+        "counter",
+        "Workers replaced, by reason.",
+    );
+    for (i, reason) in RESTART_REASONS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "forkserve_worker_restarts_total{{reason=\"{reason}\"}} {}",
+            m.restarts[i].load(Ordering::Relaxed)
+        );
+    }
+
+    header(
+        &mut out,
+        "forkserve_workers",
+        "gauge",
+        "Worker processes, by state.",
+    );
+    for state in [
+        WorkerState::Booting,
+        WorkerState::Ready,
+        WorkerState::Retiring,
+        WorkerState::Draining,
+    ] {
+        let n = board.slots.iter().filter(|s| s.state() == state).count();
+        let _ = writeln!(out, "forkserve_workers{{state=\"{}\"}} {n}", state.name());
+    }
+
+    header(
+        &mut out,
+        "forkserve_worker_private_memory_bytes",
+        "gauge",
+        "Private memory (USS) of each worker, sampled by the master every second.",
+    );
+    for slot in board
+        .slots
+        .iter()
+        .filter(|s| s.state() != WorkerState::Free)
+    {
+        let pid = slot.pid.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "forkserve_worker_private_memory_bytes{{pid=\"{pid}\"}} {}",
+            slot.private_bytes.load(Ordering::Relaxed)
+        );
+    }
+    header(
+        &mut out,
+        "forkserve_worker_requests",
+        "gauge",
+        "Requests answered by each live worker.",
+    );
+    for slot in board
+        .slots
+        .iter()
+        .filter(|s| s.state() != WorkerState::Free)
+    {
+        let pid = slot.pid.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "forkserve_worker_requests{{pid=\"{pid}\"}} {}",
+            slot.requests.load(Ordering::Relaxed)
+        );
+    }
+    out
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn histogram<const N: usize>(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    h: &Histogram<N>,
+    bounds: &[f64; N],
+) {
+    let mut cumulative = 0;
+    for (i, bound) in bounds.iter().enumerate() {
+        cumulative += h.buckets[i].load(Ordering::Relaxed);
+        let le = if bound.is_infinite() {
+            "+Inf".to_string()
+        } else {
+            bound.to_string()
+        };
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cumulative}");
+    }
+    let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+    let labels = labels.trim_end_matches(',');
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {sum}");
+    let _ = writeln!(
+        out,
+        "{name}_count{braces} {}",
+        h.count.load(Ordering::Relaxed)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{SharedMetrics, WorkerSlot};
+
+    #[test]
+    fn renders_counters_histograms_and_workers() {
+        let metrics: &'static SharedMetrics = Box::leak(Box::default());
+        let slots: &'static [WorkerSlot] =
+            Box::leak(vec![WorkerSlot::default(), WorkerSlot::default()].into_boxed_slice());
+        slots[0].reset(1);
+        slots[0].set_state(WorkerState::Ready);
+        slots[0].pid.store(42, Ordering::Relaxed);
+        slots[0].private_bytes.store(4096, Ordering::Relaxed);
+        metrics.count_request(0, 200, 0.02);
+        metrics.count_request(0, 200, 0.2);
+        metrics.count_request(1, 422, 0.001);
+        metrics.count_batch(9, 69, 81);
+        metrics.count_restart("max_requests");
+        let text = render(&Board { slots, metrics });
+        for line in [
+            "forkserve_requests_total{route=\"/cluster\",status=\"200\"} 2",
+            "forkserve_requests_total{route=\"/embed\",status=\"422\"} 1",
+            "forkserve_request_duration_seconds_bucket{route=\"/cluster\",le=\"0.025\"} 1",
+            "forkserve_request_duration_seconds_bucket{route=\"/cluster\",le=\"+Inf\"} 2",
+            "forkserve_request_duration_seconds_count{route=\"/cluster\"} 2",
+            "forkserve_inference_batch_size_bucket{le=\"16\"} 1",
+            "forkserve_inference_tokens_total 69",
+            "forkserve_worker_restarts_total{reason=\"max_requests\"} 1",
+            "forkserve_workers{state=\"ready\"} 1",
+            "forkserve_worker_private_memory_bytes{pid=\"42\"} 4096",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+    }
+}
