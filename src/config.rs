@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use forkserve_worker::settings::{ClusterDefaults, WorkerSettings};
+use forkserve_worker::settings::{ClusterDefaults, HttpLimits, WorkerSettings};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Where the master looks for its config when `-c` is not given.
@@ -46,6 +46,12 @@ pub struct Config {
     pub keepalive: f64,
     /// Seconds a client has to send a request's headers (slow-loris guard).
     pub header_timeout: f64,
+    /// Longest request line (method, target, version) accepted, in bytes (400 above).
+    pub limit_request_line: usize,
+    /// Most header fields in a request (431 above).
+    pub limit_request_fields: usize,
+    /// Longest header field (name and value), in bytes (431 above).
+    pub limit_request_field_size: usize,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// Most sentences in one request.
@@ -132,6 +138,9 @@ impl Default for Config {
             graceful_timeout: 30.0,
             keepalive: 5.0,
             header_timeout: 10.0,
+            limit_request_line: 4094,
+            limit_request_fields: 100,
+            limit_request_field_size: 8190,
             max_body_bytes: 1024 * 1024,
             max_sentences: 512,
             max_batch_tokens: 8192,
@@ -411,6 +420,14 @@ impl Config {
         seconds("graceful_timeout", self.graceful_timeout, true)?;
         seconds("keepalive", self.keepalive, false)?;
         seconds("header_timeout", self.header_timeout, false)?;
+        range("limit_request_line", self.limit_request_line, 1, 65_536)?;
+        range("limit_request_fields", self.limit_request_fields, 1, 32_768)?;
+        range(
+            "limit_request_field_size",
+            self.limit_request_field_size,
+            1,
+            65_536,
+        )?;
         range("max_body_bytes", self.max_body_bytes, 64, 1 << 30)?;
         range("max_sentences", self.max_sentences, 1, 100_000)?;
         range("max_batch_tokens", self.max_batch_tokens, 1, 1 << 20)?;
@@ -465,6 +482,11 @@ impl Config {
             graceful_timeout: secs(self.graceful_timeout),
             keepalive: secs(self.keepalive),
             header_timeout: secs(self.header_timeout),
+            limits: HttpLimits {
+                request_line: self.limit_request_line,
+                fields: self.limit_request_fields,
+                field_size: self.limit_request_field_size,
+            },
             max_body_bytes: self.max_body_bytes,
             max_sentences: self.max_sentences,
             max_batch_tokens: self.max_batch_tokens,

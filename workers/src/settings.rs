@@ -20,6 +20,17 @@ impl Default for ClusterDefaults {
     }
 }
 
+/// gunicorn's request limits (same names and meaning).
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    /// Longest request line, in bytes.
+    pub request_line: usize,
+    /// Most header fields.
+    pub fields: usize,
+    /// Longest header field (name + value), in bytes.
+    pub field_size: usize,
+}
+
 #[derive(Clone, Debug)]
 pub struct WorkerSettings {
     /// Compute threads for this worker's inference (created after fork).
@@ -34,6 +45,7 @@ pub struct WorkerSettings {
     pub keepalive: Duration,
     /// How long a client may take to send a request's headers (slow-loris guard).
     pub header_timeout: Duration,
+    pub limits: HttpLimits,
     pub max_body_bytes: usize,
     pub max_sentences: usize,
     /// Padded tokens per forward pass; a request's sentences are batched within it.

@@ -166,6 +166,7 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
     let conn_settings = ConnectionSettings {
         keepalive: settings.keepalive,
         header_timeout: settings.header_timeout,
+        max_headers: settings.limits.fields,
     };
     for socket in listeners {
         let listener = match socket.into_listener() {

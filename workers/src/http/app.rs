@@ -144,7 +144,8 @@ impl App {
             user_agent: header_text(&req, USER_AGENT),
         };
         let (route_index, handler) = route(req.method(), req.uri().path());
-        let result = match handler {
+        // Limits first: a request past them is refused whatever its path.
+        let result = match self.check_request(&req).and(handler) {
             Ok(h) => self.dispatch(h, req).await,
             Err(e) => Err(e),
         };
@@ -186,6 +187,83 @@ impl App {
             Handler::Docs => Ok(text_response("text/html; charset=utf-8", pages::DOCS)),
             Handler::Index => Ok(text_response("text/html; charset=utf-8", pages::INDEX)),
         }
+    }
+
+    /// What hyper's parser lets through but a strict server refuses before any handler sees
+    /// the request: gunicorn's `limit_request_line` and `limit_request_field_size` (hyper
+    /// enforces `limit_request_fields`), and ambiguous framing that request smuggling feeds
+    /// on (RFC 9112 §6.1, §6.3): Transfer-Encoding with Content-Length, or in HTTP/1.0, or
+    /// not ending in a single `chunked`; repeated Host, Content-Length or Content-Type;
+    /// methods that are not upper-case tokens; `*` and authority-form targets with the wrong
+    /// method.
+    fn check_request(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
+        let limits = self.settings.limits;
+        // "METHOD SP target SP HTTP/1.1"
+        let line = req.method().as_str().len() + req.uri().to_string().len() + 10;
+        if line > limits.request_line {
+            return Err(ApiError::RequestLineTooLong {
+                limit: limits.request_line,
+            });
+        }
+        let headers = req.headers();
+        if let Some((name, _)) = headers
+            .iter()
+            // As gunicorn counts it: the whole "Name: value" line with its CRLF.
+            .find(|(n, v)| n.as_str().len() + v.len() + 4 > limits.field_size)
+        {
+            return Err(ApiError::HeaderTooLarge {
+                name: name.to_string(),
+                limit: limits.field_size,
+            });
+        }
+        let malformed = |m: &str| Err(ApiError::MalformedRequest(m.to_string()));
+        // gunicorn's rule: 3 to 20 characters, no lower case (methods are case-sensitive and
+        // a lower-case one is almost always a client bug), no '#'.
+        let method = req.method().as_str();
+        if !(3..=20).contains(&method.len())
+            || method.bytes().any(|b| b.is_ascii_lowercase() || b == b'#')
+        {
+            return malformed("the method must be 3 to 20 upper-case token characters");
+        }
+        for name in [hyper::header::HOST, CONTENT_LENGTH, CONTENT_TYPE] {
+            if headers.get_all(&name).iter().count() > 1 {
+                return malformed(&format!("repeated {name} header"));
+            }
+        }
+        let codings: Vec<String> = headers
+            .get_all(hyper::header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| {
+                v.to_str()
+                    .unwrap_or("\u{0}")
+                    .split(',')
+                    .map(|c| c.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if !codings.is_empty() {
+            if req.version() == hyper::Version::HTTP_10 {
+                return malformed("Transfer-Encoding in an HTTP/1.0 request");
+            }
+            if headers.contains_key(CONTENT_LENGTH) {
+                return malformed("both Transfer-Encoding and Content-Length");
+            }
+            let chunked = codings.iter().filter(|c| *c == "chunked").count();
+            if chunked != 1 || codings.last().map(String::as_str) != Some("chunked") {
+                return malformed("Transfer-Encoding must end with a single chunked");
+            }
+        }
+        let target = req.uri();
+        if target.scheme().is_none()
+            && target.authority().is_some()
+            && req.method() != Method::CONNECT
+        {
+            return malformed("an authority-form target is only for CONNECT");
+        }
+        if target.path() == "*" && req.method() != Method::OPTIONS {
+            return malformed("an asterisk-form target is only for OPTIONS");
+        }
+        Ok(())
     }
 
     fn limits(&self) -> RequestLimits {

@@ -22,6 +22,17 @@ pub enum ApiError {
     PayloadTooLarge {
         limit: usize,
     },
+    /// HTTP that parses but that a strict server refuses (ambiguous framing and the like).
+    MalformedRequest(String),
+    /// Request line longer than `limit_request_line` (400, as gunicorn).
+    RequestLineTooLong {
+        limit: usize,
+    },
+    /// A header field longer than `limit_request_field_size`.
+    HeaderTooLarge {
+        name: String,
+        limit: usize,
+    },
     /// The request does not say it carries JSON.
     UnsupportedMediaType(String),
     /// The path exists, the method does not.
@@ -53,7 +64,11 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidJson(_) | ApiError::InvalidUtf8(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidJson(_)
+            | ApiError::InvalidUtf8(_)
+            | ApiError::MalformedRequest(_)
+            | ApiError::RequestLineTooLong { .. } => StatusCode::BAD_REQUEST,
+            ApiError::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -68,6 +83,9 @@ impl ApiError {
         match self {
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidUtf8(_) => "invalid_utf8",
+            ApiError::MalformedRequest(_) => "malformed_request",
+            ApiError::RequestLineTooLong { .. } => "request_line_too_long",
+            ApiError::HeaderTooLarge { .. } => "header_too_large",
             ApiError::Validation { .. } => "validation",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -84,6 +102,13 @@ impl ApiError {
             ApiError::InvalidJson(m) => format!("malformed JSON: {m}"),
             ApiError::InvalidUtf8(m) => format!("body is not valid UTF-8: {m}"),
             ApiError::Validation { field, message } => format!("{field}: {message}"),
+            ApiError::MalformedRequest(m) => format!("malformed request: {m}"),
+            ApiError::RequestLineTooLong { limit } => {
+                format!("request line longer than {limit} bytes")
+            }
+            ApiError::HeaderTooLarge { name, limit } => {
+                format!("header {name}: longer than {limit} bytes")
+            }
             ApiError::PayloadTooLarge { limit } => {
                 format!("request body is larger than the limit of {limit} bytes")
             }

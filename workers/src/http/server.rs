@@ -25,6 +25,8 @@ const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 pub struct ConnectionSettings {
     pub keepalive: Duration,
     pub header_timeout: Duration,
+    /// `limit_request_fields`: hyper answers 431 past it.
+    pub max_headers: usize,
 }
 
 /// Open connections of this worker, so that a drain knows when it is done.
@@ -167,6 +169,9 @@ async fn serve_connection<S>(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_timeout)
+        .max_headers(settings.max_headers)
+        // A client may close its sending side and still wait for the answer (RFC 9112 §9.6).
+        .half_close(true)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
