@@ -156,11 +156,12 @@ impl Server {
         let text = self.wait_log("the server to start", Duration::from_secs(60), |t| {
             t.contains("listening at: http://127.0.0.1:") && count(t, "worker ready") >= workers
         });
-        let line = text
-            .lines()
-            .find(|l| l.contains("listening at: http://127.0.0.1:"))
-            .unwrap();
-        let port = line.rsplit(':').next().unwrap().trim();
+        let marker = "listening at: http://127.0.0.1:";
+        let at = text.find(marker).unwrap() + marker.len();
+        let port: String = text[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         self.port = port.parse().expect("port in the log");
     }
 
