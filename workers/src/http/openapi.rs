@@ -12,6 +12,13 @@ pub struct SpecLimits {
     pub model: String,
 }
 
+/// An enum that also admits null (OpenAPI 3.0: `nullable` does not extend `enum`).
+fn nullable_enum(values: &[&str]) -> Value {
+    let mut list: Vec<Value> = values.iter().map(|v| json!(v)).collect();
+    list.push(Value::Null);
+    Value::Array(list)
+}
+
 pub fn document(limits: &SpecLimits) -> Value {
     let error = json!({"$ref": "#/components/schemas/Error"});
     let errors = |codes: &[&str]| -> Value {
@@ -50,7 +57,7 @@ pub fn document(limits: &SpecLimits) -> Value {
         "info": {
             "title": "forkserve",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": format!("Sentence embeddings and clustering with {}: a prefork server whose workers share one copy of the model.", limits.model)
+            "description": format!("Sentence embeddings and clustering with {}: a prefork server whose workers share one copy of the model. An optional field sent as null takes its default.", limits.model)
         },
         "paths": {
             "/cluster": {"post": {
@@ -86,9 +93,9 @@ pub fn document(limits: &SpecLimits) -> Value {
             }},
             "ClusterRequest": {"type": "object", "additionalProperties": false, "required": ["sentences"], "properties": {
                 "sentences": strings,
-                "threshold": {"type": "number", "exclusiveMinimum": true, "minimum": 0, "maximum": 1, "description": "Cosine similarity at or above which sentences belong together (default 0.5)"},
-                "min_cluster_size": {"type": "integer", "minimum": 1, "description": "Smaller groups are reported as unclustered (default 1)"},
-                "algorithm": {"type": "string", "enum": ALGORITHMS}
+                "threshold": {"type": "number", "nullable": true, "exclusiveMinimum": true, "minimum": 0, "maximum": 1, "description": "Cosine similarity at or above which sentences belong together (default 0.5)"},
+                "min_cluster_size": {"type": "integer", "nullable": true, "minimum": 1, "description": "Smaller groups are reported as unclustered (default 1)"},
+                "algorithm": {"type": "string", "nullable": true, "enum": nullable_enum(ALGORITHMS)}
             }},
             "ClusterResponse": {"type": "object", "required": ["clusters", "indices", "unclustered", "unclustered_indices", "algorithm", "threshold", "min_cluster_size"], "properties": {
                 "clusters": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
@@ -101,17 +108,17 @@ pub fn document(limits: &SpecLimits) -> Value {
             }},
             "EmbedRequest": {"type": "object", "additionalProperties": false, "required": ["inputs"], "properties": {
                 "inputs": one_or_many,
-                "normalize": {"type": "boolean", "default": true},
-                "truncate": {"type": "boolean", "default": true, "description": "false: input longer than the model's maximum is a 422 with its token count"},
-                "truncation_direction": {"type": "string", "enum": ["right", "Right"], "nullable": true},
+                "normalize": {"type": "boolean", "nullable": true, "default": true},
+                "truncate": {"type": "boolean", "nullable": true, "default": true, "description": "false: input longer than the model's maximum is a 422 with its token count"},
+                "truncation_direction": {"type": "string", "enum": ["right", "Right", null], "nullable": true},
                 "prompt_name": {"type": "string", "nullable": true, "enum": [null]}
             }},
             "OpenAiRequest": {"type": "object", "additionalProperties": false, "required": ["input"], "properties": {
                 "input": one_or_many,
-                "model": {"type": "string", "enum": [limits.model.clone()]},
-                "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-                "dimensions": {"type": "integer", "enum": [limits.dimension]},
-                "user": {"type": "string"}
+                "model": {"type": "string", "nullable": true, "enum": [limits.model.clone(), null]},
+                "encoding_format": {"type": "string", "nullable": true, "enum": ["float", "base64", null]},
+                "dimensions": {"type": "integer", "nullable": true, "enum": [limits.dimension, null]},
+                "user": {"type": "string", "nullable": true}
             }},
             "OpenAiResponse": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
                 "object": {"type": "string", "enum": ["list"]},

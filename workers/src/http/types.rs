@@ -136,7 +136,13 @@ pub fn parse_cluster_request(
     };
     let min_cluster_size = match obj.get("min_cluster_size") {
         None | Some(Value::Null) => defaults.min_cluster_size,
-        Some(v) => match v.as_u64() {
+        // An integer too large for u64 arrives as a float; it still means "larger than any
+        // cluster".
+        Some(v) => match v.as_u64().or_else(|| {
+            v.as_f64()
+                .filter(|f| f.is_finite() && *f >= 1.0 && f.fract() == 0.0)
+                .map(|_| u64::MAX)
+        }) {
             Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
             _ => {
                 return Err(ApiError::validation(
@@ -467,6 +473,14 @@ mod tests {
             );
         }
         assert!(parse_openai_request(json!({"input": "a", "dimensions": 384}), LIMITS).is_ok());
+    }
+
+    #[test]
+    fn huge_min_cluster_size_is_accepted() {
+        let r =
+            parse(json!({"sentences": ["a"], "min_cluster_size": 28425825539443154944u128 as f64}));
+        assert_eq!(r.unwrap().min_cluster_size, usize::MAX);
+        assert!(parse(json!({"sentences": ["a"], "min_cluster_size": 2.5})).is_err());
     }
 
     #[test]

@@ -1,0 +1,89 @@
+//! Real clients against a running server: the official `openai` Python package, schemathesis
+//! against /openapi.json, and the page at / in headless Chromium (selenium). The tools are
+//! installed by `scripts/test-deps.sh`, which `make test` runs first.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use support::*;
+
+fn python() -> PathBuf {
+    let venv = project_dir().join("target/pyenv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} missing: run scripts/test-deps.sh (make test does)",
+        venv.display()
+    );
+    venv
+}
+
+fn run(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{what}: {}", stdout.trim_end());
+    assert!(out.status.success(), "{what} failed:\n{stdout}\n{stderr}");
+}
+
+fn base_url(server: &Server) -> String {
+    format!("http://127.0.0.1:{}", server.port)
+}
+
+#[test]
+fn the_official_openai_client_gets_the_reference_embeddings() {
+    let server = Server::start(&config("workers = 2"), 2);
+    let reference = project_dir().join("../shared/reference/public.json");
+    run(
+        Command::new(python())
+            .arg(project_dir().join("tests/clients/openai_client.py"))
+            .arg(base_url(&server))
+            .arg(reference),
+        "openai client",
+    );
+}
+
+#[test]
+fn schemathesis_finds_nothing_against_the_openapi_document() {
+    let server = Server::start(&config("workers = 2"), 2);
+    let schemathesis = project_dir().join("target/pyenv/bin/schemathesis");
+    let pids = server.worker_pids();
+    run(
+        Command::new(schemathesis)
+            .args(["run", &format!("{}/openapi.json", base_url(&server))])
+            // Every check: no 5xx, status codes, content types, headers and bodies as
+            // documented, invalid data rejected, valid data accepted.
+            .args([
+                "--checks",
+                "all",
+                "--max-examples",
+                "60",
+                "--request-timeout",
+                "60",
+            ])
+            .args(["--generation-database", "none"])
+            .env("SCHEMATHESIS_HOOKS", "")
+            .current_dir(std::env::temp_dir()),
+        "schemathesis",
+    );
+    assert_eq!(
+        server.worker_pids(),
+        pids,
+        "a worker died under schemathesis"
+    );
+}
+
+#[test]
+fn the_page_clusters_what_a_person_types() {
+    let server = Server::start(&config("workers = 1"), 1);
+    let screenshot = project_dir().join("target/page-test.png");
+    run(
+        Command::new(python())
+            .arg(project_dir().join("tests/clients/page_test.py"))
+            .arg(base_url(&server))
+            .arg(&screenshot),
+        "page test",
+    );
+    assert!(screenshot.exists());
+}
