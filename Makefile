@@ -6,7 +6,7 @@ MODEL_DIR := models/all-MiniLM-L6-v2
 CONFIG ?= conf/forkserve.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help model test-deps build run test lint bench-memory bench-ops clean
+.PHONY: help model test-deps build run test lint bench bench-quick bench-memory bench-ops clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -32,6 +32,14 @@ test: model test-deps ## Build and run every test (unit + integration, real bina
 lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+
+bench: model build ## forkserve vs the Python stack, side by side (< 30 min): bench/results/
+	@scripts/bench-deps.sh
+	python3 bench/bench.py
+
+bench-quick: model build ## forkserve alone, one setting per section (< 3 min)
+	@scripts/bench-deps.sh --quick
+	python3 bench/bench.py --quick
 
 bench-memory: model build ## PSS/USS per worker for 1, 2, 4 workers and start-up time
 	python3 bench/memory.py
