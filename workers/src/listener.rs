@@ -1,8 +1,12 @@
-//! Listening sockets as the master hands them over: TCP or unix, already bound and listening.
+//! Listening sockets as the master hands them over (TCP or unix, bound and listening), and
+//! accepting on them in a way that spreads connections over the workers.
 
 use std::io;
+use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::{TcpStream, UnixStream};
 
 /// A bound, listening socket, as the master creates it (blocking, std types).
 #[derive(Debug)]
@@ -21,14 +25,23 @@ impl BoundSocket {
 
     /// Register with the worker's runtime. Must be called inside it.
     pub fn into_listener(self) -> io::Result<Listener> {
+        // SAFETY (both arms): the std listener owns its fd and is moved into the AsyncFd, so the
+        // fd stays open, refers to the same socket and is what `as_raw_fd` returns for as long
+        // as the AsyncFd lives — the contract of `AsyncFd::register_with_interest`.
         Ok(match self {
             BoundSocket::Tcp(l) => {
                 l.set_nonblocking(true)?;
-                Listener::Tcp(TcpListener::from_std(l)?)
+                Listener::Tcp(
+                    unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                        .map_err(io::Error::from)?,
+                )
             }
             BoundSocket::Unix(l) => {
                 l.set_nonblocking(true)?;
-                Listener::Unix(UnixListener::from_std(l)?)
+                Listener::Unix(
+                    unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                        .map_err(io::Error::from)?,
+                )
             }
         })
     }
@@ -44,8 +57,8 @@ impl std::os::fd::AsRawFd for BoundSocket {
 }
 
 pub enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
+    Tcp(AsyncFd<std::net::TcpListener>),
+    Unix(AsyncFd<std::os::unix::net::UnixListener>),
 }
 
 pub enum Stream {
@@ -53,18 +66,52 @@ pub enum Stream {
     Unix(UnixStream),
 }
 
+/// How long a worker lets a less busy worker take a waiting connection before it takes it
+/// itself (a less busy worker that is hung must not stall new clients).
+const MAX_DEFERRAL: Duration = Duration::from_millis(20);
+const DEFERRAL_STEP: Duration = Duration::from_millis(1);
+
 impl Listener {
     /// The next connection and the client's address as the access log shows it.
-    pub async fn accept(&self) -> io::Result<(Stream, String)> {
-        match self {
-            Listener::Tcp(l) => l
-                .accept()
-                .await
-                .map(|(s, peer)| (Stream::Tcp(s), peer.ip().to_string())),
-            Listener::Unix(l) => l
-                .accept()
-                .await
-                .map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
+    ///
+    /// Every worker waits on the same socket, and the kernel wakes them all; without care the
+    /// first to wake takes every connection of a burst, and keep-alive clients then stay on
+    /// it. So a worker with more open connections than another ready worker steps back for
+    /// up to `MAX_DEFERRAL`, leaving the connection to the less busy one (`busier` says
+    /// whether this worker should).
+    pub async fn accept(&self, busier: &(dyn Fn() -> bool + Sync)) -> io::Result<(Stream, String)> {
+        let mut deferred = Duration::ZERO;
+        loop {
+            let waited = match self {
+                Listener::Tcp(fd) => fd.readable().await.map(|g| (Some(g), None)),
+                Listener::Unix(fd) => fd.readable().await.map(|g| (None, Some(g))),
+            }?;
+            if deferred < MAX_DEFERRAL && busier() {
+                // Readiness is kept (the guard is dropped without clearing it): if the other
+                // worker does not take the connection, the next turn sees it again.
+                drop(waited);
+                tokio::time::sleep(DEFERRAL_STEP).await;
+                deferred += DEFERRAL_STEP;
+                continue;
+            }
+            let accepted = match waited {
+                (Some(mut g), _) => g.try_io(|l| {
+                    let (s, peer) = l.get_ref().accept()?;
+                    s.set_nonblocking(true)?;
+                    Ok((Stream::Tcp(TcpStream::from_std(s)?), peer.ip().to_string()))
+                }),
+                (_, Some(mut g)) => g.try_io(|l| {
+                    let (s, _) = l.get_ref().accept()?;
+                    s.set_nonblocking(true)?;
+                    Ok((Stream::Unix(UnixStream::from_std(s)?), "unix".to_string()))
+                }),
+                (None, None) => unreachable!("one of the two guards is set"),
+            };
+            match accepted {
+                Ok(result) => return result,
+                // Another worker took it first: wait for the next one.
+                Err(_would_block) => deferred = Duration::ZERO,
+            }
         }
     }
 }

@@ -155,7 +155,7 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
         _ = stop_rx.wait_for(Option::is_some) => return 0,
     };
     let (drain_tx, drain_rx) = watch::channel(false);
-    let connections = Connections::new(slot);
+    let connections = Connections::new(slot, board);
     let app = Arc::new(App::new(
         compute,
         settings.clone(),

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use super::app::App;
 use crate::listener::Listener;
-use crate::protocol::{monotonic_ms, WorkerSlot};
+use crate::protocol::{monotonic_ms, Board, WorkerSlot, WorkerState};
 
 /// While draining, an idle keep-alive connection is closed once it has been idle this long. A
 /// client under load sends its next request well within it and gets `Connection: close` on the
@@ -29,19 +29,32 @@ pub struct ConnectionSettings {
     pub max_headers: usize,
 }
 
-/// Open connections of this worker, so that a drain knows when it is done.
+/// Open connections of this worker, so that a drain knows when it is done, and so that
+/// accepting can favour the least busy worker.
 #[derive(Clone)]
 pub struct Connections {
     slot: &'static WorkerSlot,
+    board: Board,
     closed: Arc<tokio::sync::Notify>,
 }
 
 impl Connections {
-    pub fn new(slot: &'static WorkerSlot) -> Connections {
+    pub fn new(slot: &'static WorkerSlot, board: Board) -> Connections {
         Connections {
             slot,
+            board,
             closed: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Whether another serving worker has fewer open connections than this one.
+    pub fn busier_than_another_worker(&self) -> bool {
+        let mine = self.slot.connections.load(Ordering::Relaxed);
+        self.board.slots.iter().any(|s| {
+            !std::ptr::eq(s, self.slot)
+                && matches!(s.state(), WorkerState::Ready | WorkerState::Retiring)
+                && s.connections.load(Ordering::Relaxed) < mine
+        })
     }
 
     pub fn open(&self) -> usize {
@@ -84,10 +97,11 @@ pub async fn accept_loop(
     mut draining: watch::Receiver<bool>,
 ) {
     loop {
+        let busier = || connections.busier_than_another_worker();
         let accepted = tokio::select! {
             biased;
             _ = draining.wait_for(|d| *d) => return,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept(&busier) => accepted,
         };
         match accepted {
             Ok((stream, remote)) => {
