@@ -87,9 +87,8 @@ impl Listener {
                 Listener::Unix(fd) => fd.readable().await.map(|g| (None, Some(g))),
             }?;
             if deferred < MAX_DEFERRAL && busier() {
-                // Readiness is kept (the guard is dropped without clearing it): if the other
-                // worker does not take the connection, the next turn sees it again.
-                drop(waited);
+                // Readiness is kept (the guard goes out of use without `clear_ready`): if the
+                // other worker does not take the connection, the next turn sees it again.
                 tokio::time::sleep(DEFERRAL_STEP).await;
                 deferred += DEFERRAL_STEP;
                 continue;
