@@ -35,7 +35,7 @@ lint: ## cargo fmt --check and clippy -D warnings
 
 bench: model build ## forkserve vs the Python stack, side by side (< 30 min): bench/results/
 	@scripts/bench-deps.sh
-	python3 bench/bench.py
+	target/bench-venv/bin/python bench/bench.py
 
 bench-quick: model build ## forkserve alone, one setting per section (< 3 min)
 	@scripts/bench-deps.sh --quick

@@ -193,6 +193,17 @@ def total_pss(mem):
     return mem["master"]["Pss"] + sum(w["Pss"] for w in mem["workers"])
 
 
+# all-MiniLM-L6-v2: 6 layers, hidden 384, intermediate 1536.
+LAYERS, HIDDEN, INTERMEDIATE = 6, 384, 1536
+NON_EMBEDDING_WEIGHTS = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE)
+
+
+def forward_flops(lengths):
+    """Multiply-adds x 2 of one forward pass over sentences of these token lengths: the linear
+    layers (2 x weights per token) plus the attention (Q·Kᵀ and P·V: 4·n²·hidden per layer)."""
+    return 2 * NON_EMBEDDING_WEIGHTS * sum(lengths) + LAYERS * 4 * HIDDEN * sum(n * n for n in lengths)
+
+
 def machine():
     model = "unknown"
     try:
@@ -201,7 +212,26 @@ def machine():
         model = m.group(1).strip() if m else model
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "loadavg": os.getloadavg()}
+    mhz = 0.0
+    try:
+        mhz = max(float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", open("/proc/cpuinfo").read()))
+    except (OSError, ValueError):
+        pass
+    # AVX2 with FMA: 2 FMA units x 8 f32 lanes x 2 flops = 32 flop per cycle per core.
+    return {"cpus": os.cpu_count(), "cpu_model": model, "mhz": mhz,
+            "peak_gflops_per_core": mhz / 1000 * 32, "loadavg": os.getloadavg()}
+
+
+def token_lengths(port, texts):
+    """Tokens the model sees per sentence, from forkserve's /v1/embeddings usage."""
+    out = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for t in texts:
+        conn.request("POST", "/v1/embeddings", json.dumps({"input": [t]}), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        out.append(json.loads(r.read())["usage"]["prompt_tokens"])
+    conn.close()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +370,10 @@ def section_latency(kinds, batches, repeats):
         for n in batches:
             row = {"batch": n, "load_before": os.getloadavg()[0]}
             body = json.dumps({"sentences": sentences(n)}).encode()
+            if "forkserve" in servers:
+                lengths = token_lengths(servers["forkserve"].port, sentences(n))
+                row["tokens"] = sum(lengths)
+                row["gflop"] = forward_flops(lengths) / 1e9
             for kind in kinds:
                 s = servers[kind]
                 conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
@@ -426,10 +460,17 @@ def report(results):
         lines.append("")
     if results.get("latency"):
         lines += [f"### Single-request latency, 1 worker, median of {results['latency_repeats']} sequential requests (ms)", ""]
-        head(["sentences"] + [f"{k} ms" for k in kinds] + (["forkserve / python"] if both else []))
+        peak = results["machine"].get("peak_gflops_per_core") or 0
+        head(["sentences", "tokens", "GFLOP"] + [f"{k} ms" for k in kinds] + (["forkserve / python"] if both else [])
+             + [f"{k} GFLOP/s (% of one core's peak)" for k in kinds])
         for r in results["latency"]:
             vals = [r[k]["median_ms"] for k in kinds]
-            lines.append("| " + " | ".join([str(r["batch"])] + [f"{v:.1f}" for v in vals] + ([ratio(*vals)] if both else [])) + " |")
+            gflop = r.get("gflop", 0)
+            rates = [f"{gflop / (v / 1000):.1f} ({100 * gflop / (v / 1000) / peak:.0f}%)" if gflop and peak else "–" for v in vals]
+            lines.append("| " + " | ".join([str(r["batch"]), str(r.get("tokens", "–")), f"{gflop:.2f}"] + [f"{v:.1f}" for v in vals]
+                                            + ([ratio(*vals)] if both else []) + rates) + " |")
+        lines.append(f"Peak: {peak:.1f} GFLOP/s per core ({results['machine'].get('mhz', 0):.0f} MHz x 32 fp32 flop/cycle with AVX2 FMA); one worker, one compute thread. "
+                     "GFLOP = 2 x non-embedding weights x tokens + attention (4·n²·hidden per layer and sentence).")
         lines.append("")
     return "\n".join(lines)
 
@@ -511,13 +552,15 @@ def selftest():
     m = parse_smaps_rollup(SAMPLE_SMAPS)
     assert m == {"Rss": 104536, "Pss": 36768, "Private_Clean": 100, "Private_Dirty": 4436,
                  "Shared_Clean": 99000, "Shared_Dirty": 500}, m
-    fake = {"kinds": ["forkserve", "python"], "machine": {"cpus": 2, "cpu_model": "x", "loadavg": (0.1, 0, 0)},
+    fake = {"kinds": ["forkserve", "python"], "machine": {"cpus": 2, "cpu_model": "x", "loadavg": (0.1, 0, 0),
+                                                          "mhz": 2300.0, "peak_gflops_per_core": 73.6},
             "latency_repeats": 3,
-            "latency": [{"batch": 9, "forkserve": {"median_ms": 40.0}, "python": {"median_ms": 68.0}}],
+            "latency": [{"batch": 9, "tokens": 69, "gflop": 1.47, "forkserve": {"median_ms": 40.0}, "python": {"median_ms": 68.0}}],
             "throughput": [{"workers": 2, "connections": 4, "max_requests": 0,
                             "forkserve": dict(w, worker_exits=0), "python": dict(w, worker_exits=2)}]}
     text = report(fake)
-    assert "| 9 | 40.0 | 68.0 | 0.59 |" in text, text
+    assert "| 9 | 69 | 1.47 | 40.0 | 68.0 | 0.59 | 36.8 (50%) | 21.6 (29%) |" in text, text
+    assert forward_flops([10]) == 2 * NON_EMBEDDING_WEIGHTS * 10 + 6 * 4 * 384 * 100
     assert "| 2 | 4 | 0 | 31.18 | 58/70/1200 | 3 | 24 | 0 | 31.18 | 58/70/1200 | 3 | 24 | 2 | 1.00 |" in text, text
     assert len(sentences(32)) == len(set(sentences(32))) == 32
     print("selftest: 5 passed, 0 failed")
@@ -528,6 +571,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="forkserve alone, one setting each (< 3 min)")
     ap.add_argument("--selftest", action="store_true")
     ap.add_argument("--sections", default="startup,memory,throughput,latency")
+    ap.add_argument("--batches", help="latency batch sizes, e.g. 1,9,32,128")
+    ap.add_argument("--out", help="name of the result files under bench/results (default bench or bench-quick)")
     args = ap.parse_args()
     if args.selftest:
         return selftest()
@@ -556,9 +601,10 @@ def main():
             results["throughput"] = section_throughput(kinds, 2, [4, 16], [0, 50], 20)
     if "latency" in sections:
         print("latency", flush=True)
-        results["latency"] = section_latency(kinds, [9] if args.quick else [1, 9, 32, 128], results["latency_repeats"])
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else ([9] if args.quick else [1, 9, 32, 128])
+        results["latency"] = section_latency(kinds, batches, results["latency_repeats"])
     results["elapsed_s"] = time.monotonic() - t0
-    name = "bench-quick" if args.quick else "bench"
+    name = args.out or ("bench-quick" if args.quick else "bench")
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=1)
     text = report(results)

@@ -267,9 +267,12 @@ impl Arbiter {
             }
         };
         let identity = ModelIdentity::of(&new.model.path);
-        if new.model.path != self.config.model.path || identity != self.model_identity {
+        if new.model.path != self.config.model.path
+            || new.model.backend != self.config.model.backend
+            || identity != self.model_identity
+        {
             let started = Instant::now();
-            match SentenceEncoder::load(&new.model.path) {
+            match SentenceEncoder::load_with(&new.model.path, new.backend()) {
                 Ok(model) => {
                     tracing::info!(
                         path = %new.model.path.display(),

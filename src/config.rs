@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use forkserve_worker::model::Backend;
 use forkserve_worker::settings::{ClusterDefaults, HttpLimits, WorkerSettings};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -93,6 +94,8 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// Name in /info and /v1/embeddings. Unset: the directory's name.
     pub name: Option<String>,
+    /// Forward pass: "fast" (forkserve's, no padding) or "candle" (candle-transformers').
+    pub backend: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -166,6 +169,7 @@ impl Default for ModelConfig {
         ModelConfig {
             path: PathBuf::from("models/all-MiniLM-L6-v2"),
             name: None,
+            backend: "fast".into(),
         }
     }
 }
@@ -467,6 +471,15 @@ impl Config {
             range("socket_mode", mode, 0, 0o777)?;
         }
 
+        if Backend::parse(&self.model.backend).is_none() {
+            return Err(ConfigError::new(
+                "model.backend",
+                format!(
+                    "must be \"fast\" or \"candle\"; got {:?}",
+                    self.model.backend
+                ),
+            ));
+        }
         if self.model.path.as_os_str().is_empty() {
             return Err(ConfigError::new("model.path", "must not be empty"));
         }
@@ -500,6 +513,10 @@ impl Config {
             model_name: self.model_name(),
             access_log: self.log.access_log,
         }
+    }
+
+    pub fn backend(&self) -> Backend {
+        Backend::parse(&self.model.backend).unwrap_or(Backend::Fast)
     }
 
     /// The model's public name: `model.name`, or the model directory's name.

@@ -118,11 +118,12 @@ fn start(
 
     let loading = Instant::now();
     let model_identity = ModelIdentity::of(&config.model.path);
-    let model = SentenceEncoder::load(&config.model.path)
+    let model = SentenceEncoder::load_with(&config.model.path, config.backend())
         .map_err(|e| (EXIT_CONFIG, format!("model.path: {e}")))?;
     tracing::info!(
         path = %config.model.path.display(),
         load_ms = loading.elapsed().as_millis() as u64,
+        backend = %config.model.backend,
         "model loaded in the master (shared with workers copy-on-write)"
     );
     arbiter::assert_single_threaded().map_err(|e| (EXIT_FAILURE, e))?;

@@ -5,6 +5,7 @@
 mod support;
 
 use forkserve_worker::embedder::embed_all;
+use forkserve_worker::model::Backend;
 use forkserve_worker::{Embedder, SentenceEncoder, Tokens};
 use support::*;
 
@@ -27,40 +28,43 @@ fn tokens_and_embeddings_match_sentence_transformers() {
     let want_counts: Vec<usize> = as_vec(&reference["token_counts"]);
     let want: Vec<Vec<f64>> = as_vec(&reference["embeddings"]);
 
-    let model = SentenceEncoder::load(&model_dir()).expect("load model");
-    assert_eq!(model.dimension(), 384);
-    assert_eq!(model.max_tokens(), 256);
-    let tokens: Vec<Tokens> = sentences
-        .iter()
-        .map(|s| model.tokenize(s).unwrap())
-        .collect();
-    for (i, t) in tokens.iter().enumerate() {
-        assert_eq!(
-            t.ids, want_ids[i],
-            "token ids of sentence {i}: {:?}",
-            sentences[i]
-        );
-        assert_eq!(
-            t.untruncated_len, want_counts[i],
-            "token count of sentence {i}"
-        );
-    }
-
-    // As the server batches (sorted by length, token budget), and one sentence at a time.
-    for budget in [8192, 1] {
-        let got = embed_all(&model, &tokens, budget, true).unwrap();
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let norm: f32 = g.iter().map(|x| x * x).sum::<f32>().sqrt();
-            assert!(
-                (norm - 1.0).abs() < 1e-4,
-                "sentence {i} not normalised: {norm}"
-            );
-            let cos = cosine(g, w);
-            assert!(
-                cos >= 0.9999,
-                "sentence {i} {:?}: cosine {cos} with budget {budget}",
+    // forkserve's own forward pass (the default) and candle-transformers' BertModel.
+    for backend in [Backend::Fast, Backend::Candle] {
+        let model = SentenceEncoder::load_with(&model_dir(), backend).expect("load model");
+        assert_eq!(model.dimension(), 384);
+        assert_eq!(model.max_tokens(), 256);
+        let tokens: Vec<Tokens> = sentences
+            .iter()
+            .map(|s| model.tokenize(s).unwrap())
+            .collect();
+        for (i, t) in tokens.iter().enumerate() {
+            assert_eq!(
+                t.ids, want_ids[i],
+                "token ids of sentence {i}: {:?}",
                 sentences[i]
             );
+            assert_eq!(
+                t.untruncated_len, want_counts[i],
+                "token count of sentence {i}"
+            );
+        }
+
+        // As the server batches (sorted by length, token budget), and one sentence at a time.
+        for budget in [8192, 1] {
+            let got = embed_all(&model, &tokens, budget, true).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let norm: f32 = g.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!(
+                    (norm - 1.0).abs() < 1e-4,
+                    "sentence {i} not normalised: {norm}"
+                );
+                let cos = cosine(g, w);
+                assert!(
+                    cos >= 0.9999,
+                    "{backend:?}: sentence {i} {:?}: cosine {cos} with budget {budget}",
+                    sentences[i]
+                );
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `SentenceEncoder::load` runs in the master, before fork, and must start no thread: it only
 //! reads files and copies the weights into tensors. Everything that computes runs in workers.
 
+mod fast;
 mod files;
 mod tokenizer;
 mod weights;
@@ -17,10 +18,34 @@ use crate::embedder::{EmbedError, Embedder, Tokens};
 pub use files::{LoadError, ModelFiles, ModelIdentity};
 use tokenizer::SentenceTokenizer;
 
+/// Which implementation of the forward pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// forkserve's own: packed sentences, no padding, fused QKV (`fast.rs`).
+    Fast,
+    /// candle-transformers' `BertModel` over padded batches (the reference).
+    Candle,
+}
+
+impl Backend {
+    pub fn parse(name: &str) -> Option<Backend> {
+        match name {
+            "fast" => Some(Backend::Fast),
+            "candle" => Some(Backend::Candle),
+            _ => None,
+        }
+    }
+}
+
+enum Bert {
+    Fast(fast::FastBert),
+    Candle(BertModel),
+}
+
 /// A BERT encoder with sentence-transformers' pooling (attention-masked mean). Normalisation
 /// is the caller's choice (`embedder::embed_all`).
 pub struct SentenceEncoder {
-    bert: BertModel,
+    bert: Bert,
     tokenizer: SentenceTokenizer,
     dimension: usize,
     files: ModelFiles,
@@ -29,15 +54,29 @@ pub struct SentenceEncoder {
 impl SentenceEncoder {
     /// Read the model directory: config, tokenizer, and the weights through a memory map.
     pub fn load(dir: &Path) -> Result<SentenceEncoder, LoadError> {
+        SentenceEncoder::load_with(dir, Backend::Fast)
+    }
+
+    pub fn load_with(dir: &Path, backend: Backend) -> Result<SentenceEncoder, LoadError> {
         let files = ModelFiles::locate(dir)?;
         let config = files.bert_config()?;
         let max_seq_length = files.max_seq_length()?;
         let tokenizer = SentenceTokenizer::load(&files.tokenizer, max_seq_length)?;
-        let vb = weights::load_var_builder(&files.weights)?;
-        let bert = BertModel::load(vb, &config).map_err(|e| LoadError::Model {
+        let tensors = weights::load_tensors(&files.weights)?;
+        let model_error = |reason: String| LoadError::Model {
             path: files.weights.clone(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let bert = match backend {
+            Backend::Fast => Bert::Fast(
+                fast::FastBert::new(&config, weights::raw(tensors, &files.weights)?)
+                    .map_err(model_error)?,
+            ),
+            Backend::Candle => Bert::Candle(
+                BertModel::load(weights::var_builder(tensors), &config)
+                    .map_err(|e| model_error(e.to_string()))?,
+            ),
+        };
         Ok(SentenceEncoder {
             bert,
             tokenizer,
@@ -50,7 +89,7 @@ impl SentenceEncoder {
         &self.files
     }
 
-    fn forward(&self, batch: &[&Tokens]) -> candle_core::Result<Vec<Vec<f32>>> {
+    fn forward(&self, bert: &BertModel, batch: &[&Tokens]) -> candle_core::Result<Vec<Vec<f32>>> {
         let device = Device::Cpu;
         let width = batch.iter().map(|t| t.len()).max().unwrap_or(0);
         let n = batch.len();
@@ -65,7 +104,7 @@ impl SentenceEncoder {
         let ids = Tensor::from_vec(ids, (n, width), &device)?;
         let mask = Tensor::from_vec(mask, (n, width), &device)?;
         let token_types = ids.zeros_like()?;
-        let hidden = self.bert.forward(&ids, &token_types, Some(&mask))?;
+        let hidden = bert.forward(&ids, &token_types, Some(&mask))?;
 
         // Mean over real tokens only: padded positions are zeroed by the mask.
         let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
@@ -94,7 +133,16 @@ impl Embedder for SentenceEncoder {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.forward(batch)
-            .map_err(|e| EmbedError::Inference(e.to_string()))
+        match &self.bert {
+            Bert::Fast(bert) => {
+                let ids: Vec<&[u32]> = batch.iter().map(|t| t.ids.as_slice()).collect();
+                // Inside the worker's compute pool: its size is this worker's `threads`.
+                bert.embed(&ids, rayon::current_num_threads())
+                    .map_err(EmbedError::Inference)
+            }
+            Bert::Candle(bert) => self
+                .forward(bert, batch)
+                .map_err(|e| EmbedError::Inference(e.to_string())),
+        }
     }
 }

@@ -11,12 +11,13 @@ use safetensors::SafeTensors;
 
 use super::files::LoadError;
 
-/// Map the weights file, copy every tensor into an f32 candle tensor, and unmap.
+/// Map the weights file, copy every tensor into a candle tensor (floats widened to f32), and
+/// unmap.
 ///
 /// candle's CPU tensors own their storage, so the weights end up on the master's heap. That is
 /// what makes them shared: the master does this before fork and no worker ever writes to those
 /// pages, so N workers share one copy through copy-on-write (measured in the README).
-pub fn load_var_builder(path: &Path) -> Result<VarBuilder<'static>, LoadError> {
+pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
     let invalid = |reason: String| LoadError::Invalid {
         path: path.to_path_buf(),
         reason,
@@ -47,7 +48,34 @@ pub fn load_var_builder(path: &Path) -> Result<VarBuilder<'static>, LoadError> {
             .map_err(|e| invalid(format!("tensor {name}: {e}")))?;
         out.insert(name, tensor);
     }
-    Ok(VarBuilder::from_tensors(out, DType::F32, &Device::Cpu))
+    Ok(out)
+}
+
+/// The tensors as candle-transformers' `BertModel` loads them.
+pub fn var_builder(tensors: HashMap<String, Tensor>) -> VarBuilder<'static> {
+    VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
+}
+
+/// The f32 tensors as plain vectors, for the fast forward pass.
+pub fn raw(
+    tensors: HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<super::fast::RawWeights, LoadError> {
+    let mut out = HashMap::new();
+    for (name, t) in tensors {
+        if t.dtype() != DType::F32 {
+            continue; // integer buffers such as position_ids are not weights
+        }
+        let values = t
+            .flatten_all()
+            .and_then(|f| f.to_vec1::<f32>())
+            .map_err(|e| LoadError::Invalid {
+                path: path.to_path_buf(),
+                reason: format!("tensor {name}: {e}"),
+            })?;
+        out.insert(name, (t.dims().to_vec(), values));
+    }
+    Ok(out)
 }
 
 fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {

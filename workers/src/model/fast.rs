@@ -1,0 +1,515 @@
+//! A BERT encoder forward pass written for serving sentence embeddings on a CPU, in place of
+//! candle-transformers' general `BertModel` (kept as the reference in the tests).
+//!
+//! What it does differently, and why it is faster:
+//! - **No padding at all.** The sentences of a batch are packed one after another into a
+//!   `[tokens, hidden]` matrix. Every linear layer runs once over the real tokens only; the
+//!   attention runs per sentence, so it needs no mask and costs `n²` per sentence, not
+//!   `longest² × batch`.
+//! - **One matrix product for Q, K and V** (weights concatenated at load), written straight
+//!   into one buffer whose column blocks the attention reads in place: no reshape, no
+//!   `.contiguous()` copy, no transposed copies (strides do it).
+//! - **Fused element-wise work**: bias is the product's starting value, the residual is added
+//!   in the layer norm pass, GELU (erf) runs in place.
+//! - Buffers are allocated once per batch and reused by all six layers.
+//!
+//! The weights are copied out of the safetensors map into plain `Vec<f32>` in the master before
+//! fork, so every worker shares them copy-on-write, as before.
+
+use std::collections::HashMap;
+
+use candle_transformers::models::bert::Config as BertConfig;
+
+/// A weight matrix stored `[in, out]`, row major: `x · W` reads it directly.
+struct Linear {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+}
+
+struct LayerNorm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+struct Layer {
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+pub struct FastBert {
+    word: Vec<f32>,
+    position: Vec<f32>,
+    token_type: Vec<f32>,
+    embedding_norm: LayerNorm,
+    layers: Vec<Layer>,
+    hidden: usize,
+    heads: usize,
+    eps: f32,
+    vocab: usize,
+    max_positions: usize,
+}
+
+/// Weights by name, as read from the safetensors file: shape and f32 values.
+pub type RawWeights = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+impl FastBert {
+    pub fn new(config: &BertConfig, mut weights: RawWeights) -> Result<FastBert, String> {
+        let hidden = config.hidden_size;
+        let heads = config.num_attention_heads;
+        if heads == 0 || hidden % heads != 0 {
+            return Err(format!(
+                "hidden size {hidden} is not a multiple of {heads} heads"
+            ));
+        }
+        // Checkpoints name the tensors with or without a "bert." prefix.
+        let prefix = if weights.contains_key("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
+        let mut take = |name: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
+            let full = format!("{prefix}{name}");
+            let (got, values) = weights
+                .remove(&full)
+                .ok_or_else(|| format!("tensor {full} missing"))?;
+            if got != shape {
+                return Err(format!("tensor {full}: shape {got:?}, expected {shape:?}"));
+            }
+            Ok(values)
+        };
+        let inter = config.intermediate_size;
+        let word = take(
+            "embeddings.word_embeddings.weight",
+            &[config.vocab_size, hidden],
+        )?;
+        let position = take(
+            "embeddings.position_embeddings.weight",
+            &[config.max_position_embeddings, hidden],
+        )?;
+        let token_type = take(
+            "embeddings.token_type_embeddings.weight",
+            &[config.type_vocab_size, hidden],
+        )?;
+        let embedding_norm = LayerNorm {
+            weight: take("embeddings.LayerNorm.weight", &[hidden])?,
+            bias: take("embeddings.LayerNorm.bias", &[hidden])?,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}.");
+            let mut linear =
+                |name: &str, inputs: usize, outputs: usize| -> Result<Linear, String> {
+                    let w = take(&format!("{p}{name}.weight"), &[outputs, inputs])?;
+                    let b = take(&format!("{p}{name}.bias"), &[outputs])?;
+                    Ok(Linear::from_torch(&w, b, inputs, outputs))
+                };
+            let q = linear("attention.self.query", hidden, hidden)?;
+            let k = linear("attention.self.key", hidden, hidden)?;
+            let v = linear("attention.self.value", hidden, hidden)?;
+            let attention_out = linear("attention.output.dense", hidden, hidden)?;
+            let intermediate = linear("intermediate.dense", hidden, inter)?;
+            let output = linear("output.dense", inter, hidden)?;
+            let mut norm = |name: &str| -> Result<LayerNorm, String> {
+                Ok(LayerNorm {
+                    weight: take(&format!("{p}{name}.LayerNorm.weight"), &[hidden])?,
+                    bias: take(&format!("{p}{name}.LayerNorm.bias"), &[hidden])?,
+                })
+            };
+            layers.push(Layer {
+                qkv: Linear::concat(&[q, k, v]),
+                attention_out,
+                attention_norm: norm("attention.output")?,
+                intermediate,
+                output,
+                output_norm: norm("output")?,
+            });
+        }
+        Ok(FastBert {
+            word,
+            position,
+            token_type,
+            embedding_norm,
+            layers,
+            hidden,
+            heads,
+            eps: config.layer_norm_eps as f32,
+            vocab: config.vocab_size,
+            max_positions: config.max_position_embeddings,
+        })
+    }
+
+    /// Mean-pooled last hidden states, one vector per sentence (not normalised).
+    pub fn embed(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<Vec<f32>>, String> {
+        let h = self.hidden;
+        let total: usize = sentences.iter().map(|s| s.len()).sum();
+        if total == 0 {
+            return Ok(vec![vec![0.0; h]; sentences.len()]);
+        }
+        let mut x = vec![0f32; total * h];
+        let mut row = 0;
+        for ids in sentences {
+            if ids.len() > self.max_positions {
+                return Err(format!(
+                    "{} tokens, more than {} positions",
+                    ids.len(),
+                    self.max_positions
+                ));
+            }
+            for (pos, &id) in ids.iter().enumerate() {
+                let id = id as usize;
+                if id >= self.vocab {
+                    return Err(format!("token id {id} outside the vocabulary"));
+                }
+                let out = &mut x[row * h..(row + 1) * h];
+                let w = &self.word[id * h..(id + 1) * h];
+                let p = &self.position[pos * h..(pos + 1) * h];
+                let t = &self.token_type[..h];
+                for c in 0..h {
+                    out[c] = w[c] + p[c] + t[c];
+                }
+                layer_norm(out, None, &self.embedding_norm, self.eps);
+                row += 1;
+            }
+        }
+
+        let inter = self.layers.first().map_or(0, |l| l.intermediate.outputs);
+        let mut qkv = vec![0f32; total * 3 * h];
+        let mut context = vec![0f32; total * h];
+        let mut projected = vec![0f32; total * h];
+        let mut intermediate = vec![0f32; total * inter];
+        let longest = sentences.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut scores = vec![0f32; longest * longest];
+        for layer in &self.layers {
+            layer.qkv.forward(&x, total, &mut qkv, threads);
+            self.attention(&qkv, sentences, &mut context, &mut scores);
+            layer
+                .attention_out
+                .forward(&context, total, &mut projected, threads);
+            for r in 0..total {
+                let residual = &x[r * h..(r + 1) * h];
+                let out = &mut projected[r * h..(r + 1) * h];
+                layer_norm(out, Some(residual), &layer.attention_norm, self.eps);
+            }
+            std::mem::swap(&mut x, &mut projected);
+            layer
+                .intermediate
+                .forward(&x, total, &mut intermediate, threads);
+            intermediate.iter_mut().for_each(|v| *v = gelu_erf(*v));
+            layer
+                .output
+                .forward(&intermediate, total, &mut projected, threads);
+            for r in 0..total {
+                let residual = &x[r * h..(r + 1) * h];
+                let out = &mut projected[r * h..(r + 1) * h];
+                layer_norm(out, Some(residual), &layer.output_norm, self.eps);
+            }
+            std::mem::swap(&mut x, &mut projected);
+        }
+
+        let mut pooled = Vec::with_capacity(sentences.len());
+        let mut start = 0;
+        for ids in sentences {
+            let n = ids.len();
+            let mut mean = vec![0f32; h];
+            for r in start..start + n {
+                for (m, v) in mean.iter_mut().zip(&x[r * h..(r + 1) * h]) {
+                    *m += v;
+                }
+            }
+            let scale = 1.0 / n.max(1) as f32;
+            mean.iter_mut().for_each(|m| *m *= scale);
+            pooled.push(mean);
+            start += n;
+        }
+        Ok(pooled)
+    }
+
+    /// Self-attention for every sentence and head, reading Q, K and V in place from the
+    /// packed `[tokens, 3·hidden]` buffer and writing each head's output into its columns of
+    /// `context`.
+    fn attention(
+        &self,
+        qkv: &[f32],
+        sentences: &[&[u32]],
+        context: &mut [f32],
+        scores: &mut [f32],
+    ) {
+        let h = self.hidden;
+        let d = h / self.heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let stride = 3 * h;
+        let mut start = 0;
+        for ids in sentences {
+            let n = ids.len();
+            for head in 0..self.heads {
+                let q = MatRef::new(&qkv[start * stride + head * d..], n, d, stride, 1);
+                // Kᵀ: element (c, j) is K[j][c].
+                let kt = MatRef::new(&qkv[start * stride + h + head * d..], d, n, 1, stride);
+                let s = &mut scores[..n * n];
+                matmul(s, n, 1, false, q, kt, scale, 1);
+                for r in 0..n {
+                    softmax(&mut s[r * n..(r + 1) * n]);
+                }
+                let p = MatRef::new(&s[..], n, n, n, 1);
+                let v = MatRef::new(&qkv[start * stride + 2 * h + head * d..], n, d, stride, 1);
+                matmul(
+                    &mut context[start * h + head * d..],
+                    h,
+                    1,
+                    false,
+                    p,
+                    v,
+                    1.0,
+                    1,
+                );
+            }
+            start += n;
+        }
+    }
+}
+
+impl Linear {
+    /// From PyTorch's `[out, in]` layout to `[in, out]`.
+    fn from_torch(w: &[f32], bias: Vec<f32>, inputs: usize, outputs: usize) -> Linear {
+        let mut weight = vec![0f32; inputs * outputs];
+        for o in 0..outputs {
+            for i in 0..inputs {
+                weight[i * outputs + o] = w[o * inputs + i];
+            }
+        }
+        Linear {
+            weight,
+            bias,
+            inputs,
+            outputs,
+        }
+    }
+
+    /// Side by side along the outputs: `[in, Σout]`.
+    fn concat(parts: &[Linear]) -> Linear {
+        let inputs = parts[0].inputs;
+        let outputs: usize = parts.iter().map(|p| p.outputs).sum();
+        let mut weight = Vec::with_capacity(inputs * outputs);
+        for i in 0..inputs {
+            for p in parts {
+                weight.extend_from_slice(&p.weight[i * p.outputs..(i + 1) * p.outputs]);
+            }
+        }
+        let bias = parts.iter().flat_map(|p| p.bias.iter().copied()).collect();
+        Linear {
+            weight,
+            bias,
+            inputs,
+            outputs,
+        }
+    }
+
+    /// `out[rows, outputs] = x[rows, inputs] · W + b`.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32], threads: usize) {
+        let out = &mut out[..rows * self.outputs];
+        for r in 0..rows {
+            out[r * self.outputs..(r + 1) * self.outputs].copy_from_slice(&self.bias);
+        }
+        let lhs = MatRef::new(x, rows, self.inputs, self.inputs, 1);
+        let rhs = MatRef::new(&self.weight, self.inputs, self.outputs, self.outputs, 1);
+        matmul(out, self.outputs, 1, true, lhs, rhs, 1.0, threads);
+    }
+}
+
+/// `x = LayerNorm(x + residual)`, over one row.
+fn layer_norm(x: &mut [f32], residual: Option<&[f32]>, norm: &LayerNorm, eps: f32) {
+    if let Some(r) = residual {
+        x.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+    }
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, w), b) in x.iter_mut().zip(&norm.weight).zip(&norm.bias) {
+        *v = (*v - mean) * inv * w + b;
+    }
+}
+
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// BERT's GELU, the exact (erf) form.
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// A strided view of `rows × cols` f32 values inside a slice.
+#[derive(Clone, Copy)]
+struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    fn new(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> MatRef<'a> {
+        let view = MatRef {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        };
+        assert!(view.fits(data.len()), "matrix view out of bounds");
+        view
+    }
+
+    /// Whether the last element lies inside a slice of `len` values.
+    fn fits(&self, len: usize) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
+    }
+}
+
+/// `dst = (read_dst ? dst : 0) + scale · lhs · rhs`, with `dst` a `lhs.rows × rhs.cols` view
+/// of `dst` (row stride `dst_rs`, column stride `dst_cs`).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    dst_cs: usize,
+    read_dst: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+    scale: f32,
+    threads: usize,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(k, rhs.rows, "inner dimensions differ");
+    let out = MatRef {
+        data: &[],
+        rows: m,
+        cols: n,
+        row_stride: dst_rs,
+        col_stride: dst_cs,
+    };
+    assert!(out.fits(dst.len()), "destination out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = match threads {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    // SAFETY: every element gemm reads or writes is inside its slice: `MatRef::new` and the
+    // assertion above check that the last element of each strided view is in bounds (and
+    // strides are non-negative, so every other element is before it). `dst` is borrowed
+    // mutably and the inputs immutably, so the output cannot alias an input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            read_dst,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_with_strides_and_accumulation() {
+        // [1 2; 3 4] · [5 6; 7 8] = [19 22; 43 50]
+        let a = [1.0, 2.0, 3.0, 4.0];
+        let b = [5.0, 6.0, 7.0, 8.0];
+        let mut c = [1.0; 4];
+        matmul(
+            &mut c,
+            2,
+            1,
+            true,
+            MatRef::new(&a, 2, 2, 2, 1),
+            MatRef::new(&b, 2, 2, 2, 1),
+            1.0,
+            1,
+        );
+        assert_eq!(c, [20.0, 23.0, 44.0, 51.0]);
+        // Bᵀ through strides, scaled, not accumulating: [1 2; 3 4] · [5 7; 6 8] / 2.
+        let mut c = [0.0; 4];
+        matmul(
+            &mut c,
+            2,
+            1,
+            false,
+            MatRef::new(&a, 2, 2, 2, 1),
+            MatRef::new(&b, 2, 2, 1, 2),
+            0.5,
+            1,
+        );
+        assert_eq!(c, [8.5, 11.5, 19.5, 26.5]);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn views_past_the_slice_are_refused() {
+        MatRef::new(&[0.0; 5], 2, 3, 3, 1);
+    }
+
+    #[test]
+    fn softmax_and_layer_norm() {
+        let mut r = [1.0, 2.0, 3.0];
+        softmax(&mut r);
+        assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6 && r[2] > r[1] && r[1] > r[0]);
+        let norm = LayerNorm {
+            weight: vec![1.0; 4],
+            bias: vec![0.0; 4],
+        };
+        let mut x = [1.0, 2.0, 3.0, 4.0];
+        layer_norm(&mut x, Some(&[1.0; 4]), &norm, 1e-12);
+        let mean: f32 = x.iter().sum::<f32>() / 4.0;
+        let var: f32 = x.iter().map(|v| v * v).sum::<f32>() / 4.0;
+        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn gelu_matches_known_values() {
+        assert_eq!(gelu_erf(0.0), 0.0);
+        assert!((gelu_erf(1.0) - 0.841_344_7).abs() < 1e-6);
+        assert!((gelu_erf(-1.0) + 0.158_655_26).abs() < 1e-6);
+    }
+}
