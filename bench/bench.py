@@ -469,7 +469,7 @@ def report(results):
             rates = [f"{gflop / (v / 1000):.1f} ({100 * gflop / (v / 1000) / peak:.0f}%)" if gflop and peak else "–" for v in vals]
             lines.append("| " + " | ".join([str(r["batch"]), str(r.get("tokens", "–")), f"{gflop:.2f}"] + [f"{v:.1f}" for v in vals]
                                             + ([ratio(*vals)] if both else []) + rates) + " |")
-        lines.append(f"Peak: {peak:.1f} GFLOP/s per core ({results['machine'].get('mhz', 0):.0f} MHz x 32 fp32 flop/cycle with AVX2 FMA); one worker, one compute thread. "
+        lines.append(f"Peak: {peak:.1f} GFLOP/s per core ({results['machine'].get('mhz', 0):.0f} MHz x 32 fp32 flop/cycle with AVX2 FMA); forkserve: one worker with one compute thread (threads = 1); Python: one worker, torch's default intra-op threads (every core). "
                      "GFLOP = 2 x non-embedding weights x tokens + attention (4·n²·hidden per layer and sentence).")
         lines.append("")
     return "\n".join(lines)

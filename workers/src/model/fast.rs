@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 
 use candle_transformers::models::bert::Config as BertConfig;
+use rayon::prelude::*;
 
 /// A weight matrix stored `[in, out]`, row major: `x · W` reads it directly.
 struct Linear {
@@ -145,7 +146,29 @@ impl FastBert {
     }
 
     /// Mean-pooled last hidden states, one vector per sentence (not normalised).
+    ///
+    /// With several threads, the sentences are split into that many groups of about equal
+    /// token counts, each run through the whole network on its own thread: every product stays
+    /// large enough to be efficient and the threads share nothing but the weights. (gemm's own
+    /// parallelism scales poorly on the few dozen rows a request has.) A single sentence uses
+    /// gemm's parallelism instead.
     pub fn embed(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<Vec<f32>>, String> {
+        if threads <= 1 || sentences.len() <= 1 {
+            return self.embed_group(sentences, threads);
+        }
+        let groups = split_by_tokens(sentences, threads);
+        let results: Vec<Result<Vec<Vec<f32>>, String>> = groups
+            .into_par_iter()
+            .map(|group| self.embed_group(group, 1))
+            .collect();
+        let mut out = Vec::with_capacity(sentences.len());
+        for r in results {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
+
+    fn embed_group(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<Vec<f32>>, String> {
         let h = self.hidden;
         let total: usize = sentences.iter().map(|s| s.len()).sum();
         if total == 0 {
@@ -274,13 +297,40 @@ impl FastBert {
     }
 }
 
+/// Cut `sentences` into at most `parts` consecutive groups of about equal token counts.
+fn split_by_tokens<'a>(sentences: &'a [&'a [u32]], parts: usize) -> Vec<&'a [&'a [u32]]> {
+    let total: usize = sentences.iter().map(|s| s.len()).sum();
+    let target = total.div_ceil(parts.max(1)).max(1);
+    let mut groups = Vec::with_capacity(parts);
+    let (mut start, mut tokens) = (0, 0);
+    for (i, s) in sentences.iter().enumerate() {
+        tokens += s.len();
+        if tokens >= target && groups.len() + 1 < parts {
+            groups.push(&sentences[start..=i]);
+            start = i + 1;
+            tokens = 0;
+        }
+    }
+    if start < sentences.len() {
+        groups.push(&sentences[start..]);
+    }
+    groups
+}
+
 impl Linear {
-    /// From PyTorch's `[out, in]` layout to `[in, out]`.
+    /// From PyTorch's `[out, in]` layout to `[in, out]` (x·W reads it row by row, ~15%
+    /// faster than a column-major right-hand side). Transposed in tiles that stay in cache:
+    /// it runs in the master at start-up, before the first request can be served.
     fn from_torch(w: &[f32], bias: Vec<f32>, inputs: usize, outputs: usize) -> Linear {
+        const TILE: usize = 32;
         let mut weight = vec![0f32; inputs * outputs];
-        for o in 0..outputs {
-            for i in 0..inputs {
-                weight[i * outputs + o] = w[o * inputs + i];
+        for o0 in (0..outputs).step_by(TILE) {
+            for i0 in (0..inputs).step_by(TILE) {
+                for o in o0..(o0 + TILE).min(outputs) {
+                    for i in i0..(i0 + TILE).min(inputs) {
+                        weight[i * outputs + o] = w[o * inputs + i];
+                    }
+                }
             }
         }
         Linear {
@@ -504,6 +554,33 @@ mod tests {
         let mean: f32 = x.iter().sum::<f32>() / 4.0;
         let var: f32 = x.iter().map(|v| v * v).sum::<f32>() / 4.0;
         assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn linear_transposes_pytorch_weights() {
+        // PyTorch [out=3, in=2]: y = x·Wᵀ + b.
+        let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let l = Linear::from_torch(&w, vec![0.5, 0.0, -0.5], 2, 3);
+        let mut out = [0.0; 3];
+        l.forward(&[1.0, 1.0], 1, &mut out, 1);
+        assert_eq!(out, [3.5, 7.0, 10.5]);
+        let wide = Linear::concat(&[l, Linear::from_torch(&[1.0, 0.0], vec![0.0], 2, 1)]);
+        let mut out = [0.0; 4];
+        wide.forward(&[1.0, 1.0], 1, &mut out, 1);
+        assert_eq!(out, [3.5, 7.0, 10.5, 1.0]);
+    }
+
+    #[test]
+    fn split_by_tokens_balances_and_keeps_order() {
+        let a = [1u32; 10];
+        let b = [1u32; 3];
+        let sentences: Vec<&[u32]> = vec![&a, &b, &b, &b, &a];
+        let groups = split_by_tokens(&sentences, 2);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 5);
+        assert_eq!(groups[0].len(), 3); // 10 + 3 + 3 >= 15 of 29 tokens
+        assert_eq!(split_by_tokens(&sentences, 1).len(), 1);
+        assert_eq!(split_by_tokens(&sentences[..1], 4).len(), 1);
     }
 
     #[test]

@@ -62,19 +62,21 @@ impl SentenceEncoder {
         let config = files.bert_config()?;
         let max_seq_length = files.max_seq_length()?;
         let tokenizer = SentenceTokenizer::load(&files.tokenizer, max_seq_length)?;
-        let tensors = weights::load_tensors(&files.weights)?;
         let model_error = |reason: String| LoadError::Model {
             path: files.weights.clone(),
             reason,
         };
         let bert = match backend {
             Backend::Fast => Bert::Fast(
-                fast::FastBert::new(&config, weights::raw(tensors, &files.weights)?)
+                fast::FastBert::new(&config, weights::load_raw(&files.weights)?)
                     .map_err(model_error)?,
             ),
             Backend::Candle => Bert::Candle(
-                BertModel::load(weights::var_builder(tensors), &config)
-                    .map_err(|e| model_error(e.to_string()))?,
+                BertModel::load(
+                    weights::var_builder(weights::load_tensors(&files.weights)?),
+                    &config,
+                )
+                .map_err(|e| model_error(e.to_string()))?,
             ),
         };
         Ok(SentenceEncoder {

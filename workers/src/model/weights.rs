@@ -56,24 +56,37 @@ pub fn var_builder(tensors: HashMap<String, Tensor>) -> VarBuilder<'static> {
     VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
 }
 
-/// The f32 tensors as plain vectors, for the fast forward pass.
-pub fn raw(
-    tensors: HashMap<String, Tensor>,
-    path: &Path,
-) -> Result<super::fast::RawWeights, LoadError> {
+/// The floating-point tensors as plain f32 vectors, for the fast forward pass, read straight
+/// from the map (one copy; f16/bf16 are widened through candle).
+pub fn load_raw(path: &Path) -> Result<super::fast::RawWeights, LoadError> {
+    let invalid = |reason: String| LoadError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(|e| invalid(e.to_string()))?;
+    // SAFETY: as in `load_tensors`: read-only, copied out before the map is dropped.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| invalid(e.to_string()))?;
+    let tensors = SafeTensors::deserialize(&map).map_err(|e| invalid(e.to_string()))?;
     let mut out = HashMap::new();
-    for (name, t) in tensors {
-        if t.dtype() != DType::F32 {
-            continue; // integer buffers such as position_ids are not weights
-        }
-        let values = t
-            .flatten_all()
-            .and_then(|f| f.to_vec1::<f32>())
-            .map_err(|e| LoadError::Invalid {
-                path: path.to_path_buf(),
-                reason: format!("tensor {name}: {e}"),
-            })?;
-        out.insert(name, (t.dims().to_vec(), values));
+    for (name, view) in tensors.tensors() {
+        let values: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {
+                let dtype = candle_dtype(view.dtype()).unwrap_or(DType::F32);
+                Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| invalid(format!("tensor {name}: {e}")))?
+            }
+            // Integer buffers such as position_ids are not weights.
+            _ => continue,
+        };
+        out.insert(name, (view.shape().to_vec(), values));
     }
     Ok(out)
 }
