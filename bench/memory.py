@@ -31,35 +31,19 @@ SEED = [
 BODY = json.dumps({"sentences": SEED}).encode()
 
 
-def children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if rest[1] == str(pid) and rest[0] != "Z":
-            out.append(int(entry))
-    return sorted(out)
+from bench import children, parse_smaps_rollup  # noqa: E402  (same folder)
 
 
 def smaps(pid):
-    fields = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            m = re.match(r"(\w+):\s+(\d+) kB", line)
-            if m:
-                fields[m.group(1)] = int(m.group(2))
+        m = parse_smaps_rollup(f.read())
     return {
-        "rss_kib": fields.get("Rss", 0),
-        "pss_kib": fields.get("Pss", 0),
-        "private_clean_kib": fields.get("Private_Clean", 0),
-        "private_dirty_kib": fields.get("Private_Dirty", 0),
-        "shared_clean_kib": fields.get("Shared_Clean", 0),
-        "shared_dirty_kib": fields.get("Shared_Dirty", 0),
+        "rss_kib": m["Rss"],
+        "pss_kib": m["Pss"],
+        "private_clean_kib": m["Private_Clean"],
+        "private_dirty_kib": m["Private_Dirty"],
+        "shared_clean_kib": m["Shared_Clean"],
+        "shared_dirty_kib": m["Shared_Dirty"],
     }
 
 

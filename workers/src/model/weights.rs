@@ -22,12 +22,7 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
         path: path.to_path_buf(),
         reason,
     };
-    let file = File::open(path).map_err(|e| invalid(e.to_string()))?;
-    // SAFETY: the mapping is read-only and lives only inside this function; the tensors are
-    // copied out before it is dropped. A concurrent truncation of the file by another process
-    // would fault (SIGBUS) while we copy; nothing in forkserve writes model files, and a model
-    // being replaced is expected to be swapped in with a rename (which keeps this inode intact).
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| invalid(e.to_string()))?;
+    let map = map_file(path)?;
     let tensors = SafeTensors::deserialize(&map).map_err(|e| invalid(e.to_string()))?;
 
     let mut out = HashMap::new();
@@ -51,6 +46,21 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
     Ok(out)
 }
 
+/// Memory-map the weights file, read-only. Callers copy what they need out of the map and
+/// drop it.
+fn map_file(path: &Path) -> Result<Mmap, LoadError> {
+    let invalid = |e: std::io::Error| LoadError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let file = File::open(path).map_err(invalid)?;
+    // SAFETY: the mapping is read-only and each caller copies the tensors out before dropping
+    // it. A concurrent truncation of the file by another process would fault (SIGBUS) while we
+    // copy; nothing in forkserve writes model files, and a model being replaced is expected to
+    // be swapped in with a rename (which keeps this inode intact).
+    unsafe { Mmap::map(&file) }.map_err(invalid)
+}
+
 /// The tensors as candle-transformers' `BertModel` loads them.
 pub fn var_builder(tensors: HashMap<String, Tensor>) -> VarBuilder<'static> {
     VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
@@ -63,9 +73,7 @@ pub fn load_raw(path: &Path) -> Result<super::fast::RawWeights, LoadError> {
         path: path.to_path_buf(),
         reason,
     };
-    let file = File::open(path).map_err(|e| invalid(e.to_string()))?;
-    // SAFETY: as in `load_tensors`: read-only, copied out before the map is dropped.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| invalid(e.to_string()))?;
+    let map = map_file(path)?;
     let tensors = SafeTensors::deserialize(&map).map_err(|e| invalid(e.to_string()))?;
     let mut out = HashMap::new();
     for (name, view) in tensors.tensors() {
