@@ -135,8 +135,6 @@ pub struct Arbiter {
     /// The new master this one started with USR2, while it runs.
     upgrade_child: Option<Pid>,
     invocation: Invocation,
-    /// Worker restarts by reason, since start.
-    restarts: BTreeMap<&'static str, u64>,
     last_memory_sample: Instant,
     systemd: crate::systemd::Notifier,
     /// READY=1 is sent once, when the configured workers are first all ready.
@@ -180,7 +178,6 @@ impl Arbiter {
             upgraded_from: parts.upgraded_from,
             upgrade_child: None,
             invocation: parts.invocation,
-            restarts: BTreeMap::new(),
             last_memory_sample: Instant::now(),
             systemd: crate::systemd::Notifier::from_env(),
             announced_ready: false,
@@ -503,19 +500,21 @@ impl Arbiter {
     fn log_exit(&mut self, pid: Pid, worker: &Worker, how: Exit) {
         let lived = worker.spawned_at.elapsed().as_secs_f64();
         if let Some(reason) = worker.stopping {
-            *self.restarts.entry(reason.counter()).or_default() += 1;
-            self.scoreboard.metrics().count_restart(reason.counter());
             if reason == StopReason::BootTimeout {
                 // Counted as a failed boot when it was killed (see murder_workers).
                 tracing::info!(pid = pid.as_raw(), %how, "worker that never booted is gone");
-            } else if matches!(reason, StopReason::Timeout) {
+                return;
+            }
+            // The counters live in the scoreboard (for /metrics); the log shows the total.
+            let count = self.scoreboard.metrics().count_restart(reason.counter());
+            if matches!(reason, StopReason::Timeout) {
                 tracing::error!(pid = pid.as_raw(), %how, "worker timed out and was killed (WORKER TIMEOUT)");
             } else {
                 tracing::info!(
                     pid = pid.as_raw(),
                     %how,
                     lived_s = format!("{lived:.1}"),
-                    count = self.restarts[reason.counter()],
+                    count,
                     "worker {}",
                     reason.describe()
                 );
@@ -540,14 +539,12 @@ impl Arbiter {
             Exit::Signal(Signal::SIGKILL) => " (perhaps out of memory)",
             _ => "",
         };
-        *self.restarts.entry("crash").or_default() += 1;
         self.scoreboard.metrics().count_restart("crash");
         tracing::error!(pid = pid.as_raw(), %how, "worker died unexpectedly{hint}; replacing it");
     }
 
     fn boot_failed(&mut self, pid: Pid, why: &str) {
         self.boot_failures += 1;
-        *self.restarts.entry("boot_failure").or_default() += 1;
         self.scoreboard.metrics().count_restart("boot_failure");
         let max = self.config.max_boot_failures;
         if self.boot_failures >= max {

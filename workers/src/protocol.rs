@@ -243,10 +243,10 @@ impl SharedMetrics {
             .fetch_add(padded as u64, Ordering::Relaxed);
     }
 
-    pub fn count_restart(&self, reason: &str) {
-        if let Some(i) = RESTART_REASONS.iter().position(|&r| r == reason) {
-            self.restarts[i].fetch_add(1, Ordering::Relaxed);
-        }
+    /// Count one restart; returns the total for that reason (None for a reason not counted).
+    pub fn count_restart(&self, reason: &str) -> Option<u64> {
+        let i = RESTART_REASONS.iter().position(|&r| r == reason)?;
+        Some(self.restarts[i].fetch_add(1, Ordering::Relaxed) + 1)
     }
 }
 
