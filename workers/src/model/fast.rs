@@ -16,9 +16,9 @@
 //! The weights are copied out of the safetensors map into plain `Vec<f32>` in the master before
 //! fork, so every worker shares them copy-on-write, as before.
 
-use std::collections::HashMap;
-
 use candle_transformers::models::bert::Config as BertConfig;
+
+use super::weights::RawWeights;
 use rayon::prelude::*;
 
 /// A weight matrix stored `[in, out]`, row major: `x · W` reads it directly.
@@ -55,9 +55,6 @@ pub struct FastBert {
     vocab: usize,
     max_positions: usize,
 }
-
-/// Weights by name, as read from the safetensors file: shape and f32 values.
-pub type RawWeights = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
 impl FastBert {
     pub fn new(config: &BertConfig, mut weights: RawWeights) -> Result<FastBert, String> {

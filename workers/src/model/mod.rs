@@ -66,17 +66,15 @@ impl SentenceEncoder {
             path: files.weights.clone(),
             reason,
         };
+        let weights = weights::load(&files.weights)?;
         let bert = match backend {
-            Backend::Fast => Bert::Fast(
-                fast::FastBert::new(&config, weights::load_raw(&files.weights)?)
-                    .map_err(model_error)?,
-            ),
+            Backend::Fast => {
+                Bert::Fast(fast::FastBert::new(&config, weights).map_err(model_error)?)
+            }
             Backend::Candle => Bert::Candle(
-                BertModel::load(
-                    weights::var_builder(weights::load_tensors(&files.weights)?),
-                    &config,
-                )
-                .map_err(|e| model_error(e.to_string()))?,
+                weights::var_builder(weights)
+                    .and_then(|vb| BertModel::load(vb, &config))
+                    .map_err(|e| model_error(e.to_string()))?,
             ),
         };
         Ok(SentenceEncoder {
