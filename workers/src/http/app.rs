@@ -145,7 +145,7 @@ impl App {
         };
         let (route_index, handler) = route(req.method(), req.uri().path());
         // Limits first: a request past them is refused whatever its path.
-        let result = match self.check_request(&req).and(handler) {
+        let result = match self.check_request(&req, &line.target).and(handler) {
             Ok(h) => self.dispatch(h, req).await,
             Err(e) => Err(e),
         };
@@ -196,10 +196,10 @@ impl App {
     /// not ending in a single `chunked`; repeated Host, Content-Length or Content-Type;
     /// methods that are not upper-case tokens; `*` and authority-form targets with the wrong
     /// method.
-    fn check_request(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
+    fn check_request(&self, req: &Request<Incoming>, target: &str) -> Result<(), ApiError> {
         let limits = self.settings.limits;
         // "METHOD SP target SP HTTP/1.1"
-        let line = req.method().as_str().len() + req.uri().to_string().len() + 10;
+        let line = req.method().as_str().len() + target.len() + 10;
         if line > limits.request_line {
             return Err(ApiError::RequestLineTooLong {
                 limit: limits.request_line,

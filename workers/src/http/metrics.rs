@@ -6,8 +6,8 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use crate::protocol::{
-    Board, Histogram, WorkerState, BATCH_BUCKETS, LATENCY_BUCKETS, RESTART_REASONS, ROUTES,
-    STATUSES,
+    Board, Histogram, WorkerSlot, WorkerState, BATCH_BUCKETS, LATENCY_BUCKETS, RESTART_REASONS,
+    ROUTES, STATUSES,
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -123,43 +123,40 @@ pub fn render(board: &Board) -> String {
         let _ = writeln!(out, "forkserve_workers{{state=\"{}\"}} {n}", state.name());
     }
 
-    header(
+    per_worker(
         &mut out,
+        board,
         "forkserve_worker_private_memory_bytes",
-        "gauge",
         "Private memory (USS) of each worker, sampled by the master every second.",
+        |slot| slot.private_bytes.load(Ordering::Relaxed),
     );
-    for slot in board
-        .slots
-        .iter()
-        .filter(|s| s.state() != WorkerState::Free)
-    {
-        let pid = slot.pid.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "forkserve_worker_private_memory_bytes{{pid=\"{pid}\"}} {}",
-            slot.private_bytes.load(Ordering::Relaxed)
-        );
-    }
-    header(
+    per_worker(
         &mut out,
+        board,
         "forkserve_worker_requests",
-        "gauge",
         "Requests answered by each live worker.",
+        |slot| slot.requests.load(Ordering::Relaxed),
     );
+    out
+}
+
+/// A gauge with one sample per live worker, labelled by pid.
+fn per_worker(
+    out: &mut String,
+    board: &Board,
+    name: &str,
+    help: &str,
+    value: impl Fn(&WorkerSlot) -> u64,
+) {
+    header(out, name, "gauge", help);
     for slot in board
         .slots
         .iter()
         .filter(|s| s.state() != WorkerState::Free)
     {
         let pid = slot.pid.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "forkserve_worker_requests{{pid=\"{pid}\"}} {}",
-            slot.requests.load(Ordering::Relaxed)
-        );
+        let _ = writeln!(out, "{name}{{pid=\"{pid}\"}} {}", value(slot));
     }
-    out
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
