@@ -23,20 +23,12 @@ impl Lifecycle {
         }
     }
 
-    pub fn slot(&self) -> &'static WorkerSlot {
-        self.slot
-    }
-
     pub fn beat(&self) {
         self.slot.beat();
     }
 
-    pub fn state(&self) -> WorkerState {
-        self.slot.state()
-    }
-
     pub fn is_draining(&self) -> bool {
-        self.state() == WorkerState::Draining
+        self.slot.state() == WorkerState::Draining
     }
 
     pub fn ready(&self) {

@@ -48,7 +48,6 @@ pub struct SentenceEncoder {
     bert: Bert,
     tokenizer: SentenceTokenizer,
     dimension: usize,
-    files: ModelFiles,
 }
 
 impl SentenceEncoder {
@@ -81,12 +80,7 @@ impl SentenceEncoder {
             bert,
             tokenizer,
             dimension: config.hidden_size,
-            files,
         })
-    }
-
-    pub fn files(&self) -> &ModelFiles {
-        &self.files
     }
 
     fn forward(&self, bert: &BertModel, batch: &[&Tokens]) -> candle_core::Result<Vec<Vec<f32>>> {
