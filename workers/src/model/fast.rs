@@ -18,6 +18,7 @@
 
 use candle_transformers::models::bert::Config as BertConfig;
 
+use super::kernels::{gelu_erf, layer_norm, matmul, softmax, MatRef};
 use super::weights::RawWeights;
 use rayon::prelude::*;
 
@@ -193,7 +194,13 @@ impl FastBert {
                 for c in 0..h {
                     out[c] = w[c] + p[c] + t[c];
                 }
-                layer_norm(out, None, &self.embedding_norm, self.eps);
+                layer_norm(
+                    out,
+                    None,
+                    &self.embedding_norm.weight,
+                    &self.embedding_norm.bias,
+                    self.eps,
+                );
                 row += 1;
             }
         }
@@ -214,20 +221,22 @@ impl FastBert {
             for r in 0..total {
                 let residual = &x[r * h..(r + 1) * h];
                 let out = &mut projected[r * h..(r + 1) * h];
-                layer_norm(out, Some(residual), &layer.attention_norm, self.eps);
+                let norm = &layer.attention_norm;
+                layer_norm(out, Some(residual), &norm.weight, &norm.bias, self.eps);
             }
             std::mem::swap(&mut x, &mut projected);
             layer
                 .intermediate
                 .forward(&x, total, &mut intermediate, threads);
-            intermediate.iter_mut().for_each(|v| *v = gelu_erf(*v));
+            gelu_erf(&mut intermediate[..total * inter]);
             layer
                 .output
                 .forward(&intermediate, total, &mut projected, threads);
             for r in 0..total {
                 let residual = &x[r * h..(r + 1) * h];
                 let out = &mut projected[r * h..(r + 1) * h];
-                layer_norm(out, Some(residual), &layer.output_norm, self.eps);
+                let norm = &layer.output_norm;
+                layer_norm(out, Some(residual), &norm.weight, &norm.bias, self.eps);
             }
             std::mem::swap(&mut x, &mut projected);
         }
@@ -369,189 +378,9 @@ impl Linear {
     }
 }
 
-/// `x = LayerNorm(x + residual)`, over one row.
-fn layer_norm(x: &mut [f32], residual: Option<&[f32]>, norm: &LayerNorm, eps: f32) {
-    if let Some(r) = residual {
-        x.iter_mut().zip(r).for_each(|(a, b)| *a += b);
-    }
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    let inv = 1.0 / (var + eps).sqrt();
-    for ((v, w), b) in x.iter_mut().zip(&norm.weight).zip(&norm.bias) {
-        *v = (*v - mean) * inv * w + b;
-    }
-}
-
-fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// BERT's GELU, the exact (erf) form.
-fn gelu_erf(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// A strided view of `rows × cols` f32 values inside a slice.
-#[derive(Clone, Copy)]
-struct MatRef<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> MatRef<'a> {
-    fn new(
-        data: &'a [f32],
-        rows: usize,
-        cols: usize,
-        row_stride: usize,
-        col_stride: usize,
-    ) -> MatRef<'a> {
-        let view = MatRef {
-            data,
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-        };
-        assert!(view.fits(data.len()), "matrix view out of bounds");
-        view
-    }
-
-    /// Whether the last element lies inside a slice of `len` values.
-    fn fits(&self, len: usize) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
-    }
-}
-
-/// `dst = (read_dst ? dst : 0) + scale · lhs · rhs`, with `dst` a `lhs.rows × rhs.cols` view
-/// of `dst` (row stride `dst_rs`, column stride `dst_cs`).
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    dst: &mut [f32],
-    dst_rs: usize,
-    dst_cs: usize,
-    read_dst: bool,
-    lhs: MatRef,
-    rhs: MatRef,
-    scale: f32,
-    threads: usize,
-) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(k, rhs.rows, "inner dimensions differ");
-    let out = MatRef {
-        data: &[],
-        rows: m,
-        cols: n,
-        row_stride: dst_rs,
-        col_stride: dst_cs,
-    };
-    assert!(out.fits(dst.len()), "destination out of bounds");
-    if m == 0 || n == 0 {
-        return;
-    }
-    let parallelism = match threads {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
-    };
-    // SAFETY: every element gemm reads or writes is inside its slice: `MatRef::new` and the
-    // assertion above check that the last element of each strided view is in bounds (and
-    // strides are non-negative, so every other element is before it). `dst` is borrowed
-    // mutably and the inputs immutably, so the output cannot alias an input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
-            read_dst,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn matmul_with_strides_and_accumulation() {
-        // [1 2; 3 4] · [5 6; 7 8] = [19 22; 43 50]
-        let a = [1.0, 2.0, 3.0, 4.0];
-        let b = [5.0, 6.0, 7.0, 8.0];
-        let mut c = [1.0; 4];
-        matmul(
-            &mut c,
-            2,
-            1,
-            true,
-            MatRef::new(&a, 2, 2, 2, 1),
-            MatRef::new(&b, 2, 2, 2, 1),
-            1.0,
-            1,
-        );
-        assert_eq!(c, [20.0, 23.0, 44.0, 51.0]);
-        // Bᵀ through strides, scaled, not accumulating: [1 2; 3 4] · [5 7; 6 8] / 2.
-        let mut c = [0.0; 4];
-        matmul(
-            &mut c,
-            2,
-            1,
-            false,
-            MatRef::new(&a, 2, 2, 2, 1),
-            MatRef::new(&b, 2, 2, 1, 2),
-            0.5,
-            1,
-        );
-        assert_eq!(c, [8.5, 11.5, 19.5, 26.5]);
-    }
-
-    #[test]
-    #[should_panic(expected = "out of bounds")]
-    fn views_past_the_slice_are_refused() {
-        MatRef::new(&[0.0; 5], 2, 3, 3, 1);
-    }
-
-    #[test]
-    fn softmax_and_layer_norm() {
-        let mut r = [1.0, 2.0, 3.0];
-        softmax(&mut r);
-        assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6 && r[2] > r[1] && r[1] > r[0]);
-        let norm = LayerNorm {
-            weight: vec![1.0; 4],
-            bias: vec![0.0; 4],
-        };
-        let mut x = [1.0, 2.0, 3.0, 4.0];
-        layer_norm(&mut x, Some(&[1.0; 4]), &norm, 1e-12);
-        let mean: f32 = x.iter().sum::<f32>() / 4.0;
-        let var: f32 = x.iter().map(|v| v * v).sum::<f32>() / 4.0;
-        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
-    }
 
     #[test]
     fn linear_transposes_pytorch_weights() {
@@ -578,12 +407,5 @@ mod tests {
         assert_eq!(groups[0].len(), 3); // 10 + 3 + 3 >= 15 of 29 tokens
         assert_eq!(split_by_tokens(&sentences, 1).len(), 1);
         assert_eq!(split_by_tokens(&sentences[..1], 4).len(), 1);
-    }
-
-    #[test]
-    fn gelu_matches_known_values() {
-        assert_eq!(gelu_erf(0.0), 0.0);
-        assert!((gelu_erf(1.0) - 0.841_344_7).abs() < 1e-6);
-        assert!((gelu_erf(-1.0) + 0.158_655_26).abs() < 1e-6);
     }
 }

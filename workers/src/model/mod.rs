@@ -6,6 +6,7 @@
 
 mod fast;
 mod files;
+pub mod kernels;
 mod tokenizer;
 mod weights;
 
