@@ -6,7 +6,7 @@ MODEL_DIR := models/all-MiniLM-L6-v2
 CONFIG ?= conf/forkserve.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help model test-deps build run test lint bench bench-quick bench-memory bench-ops clean
+.PHONY: help model test-deps build run test lint docker release bench bench-quick bench-kernels bench-memory bench-ops clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -33,6 +33,22 @@ lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
 
+IMAGE ?= forkserve:latest
+docker: ## Build the container image (docker/Dockerfile, needs a Docker engine): $(IMAGE)
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+DIST := target/dist/forkserve-$(VERSION)-$(shell uname -m)-linux
+release: ## Release tarball: binary, config, systemd units, README (target/dist/)
+	$(CARGO) build --release --locked --bin forkserve
+	rm -rf $(DIST) && mkdir -p $(DIST)/conf
+	install -m 0755 $(BIN) $(DIST)/forkserve
+	strip --strip-debug $(DIST)/forkserve
+	install -m 0644 conf/forkserve.toml conf/forkserve.service conf/forkserve.socket conf/forkserve.sysusers $(DIST)/conf/
+	install -m 0644 README.md $(DIST)/
+	tar -C $(dir $(DIST)) -czf $(DIST).tar.gz $(notdir $(DIST))
+	@echo "$(DIST).tar.gz"
+
 bench: model build ## forkserve vs the Python stack, side by side (< 30 min): bench/results/
 	@scripts/bench-deps.sh
 	target/bench-venv/bin/python bench/bench.py
@@ -40,6 +56,9 @@ bench: model build ## forkserve vs the Python stack, side by side (< 30 min): be
 bench-quick: model build ## forkserve alone, one setting per section (< 3 min)
 	@scripts/bench-deps.sh --quick
 	python3 bench/bench.py --quick
+
+bench-kernels: ## Criterion micro-benchmark per kernel (gemm shapes, GELU, layer norm, softmax)
+	$(CARGO) bench --locked -p forkserve-worker --bench kernels
 
 bench-memory: model build ## PSS/USS per worker for 1, 2, 4 workers and start-up time
 	python3 bench/memory.py

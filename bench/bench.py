@@ -63,14 +63,15 @@ def free_port():
 class Server:
     """A forkserve or Python-stack server started by this harness (and stopped by PID)."""
 
-    def __init__(self, kind, workers, max_requests=0):
+    def __init__(self, kind, workers, max_requests=0, threads=1):
         self.kind, self.workers = kind, workers
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{kind}-", suffix=".log", delete=False)
         env = dict(os.environ)
         if kind == "forkserve":
             cmd = [BIN, "-c", "/dev/null", "-b", f"127.0.0.1:{self.port}", "-w", str(workers),
-                   "--max-requests", str(max_requests), "--model", MODEL, "--log-level", "warn"]
+                   "--max-requests", str(max_requests), "--threads", str(threads), "--model", MODEL,
+                   "--log-level", "warn"]
             env["FORKSERVE_LOG_ACCESS_LOG"] = "false"
         else:
             cmd = [os.path.join(VENV, "bin", "gunicorn"), "-c", "gunicorn.conf.py", "main:app"]
@@ -217,9 +218,17 @@ def machine():
         mhz = max(float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", open("/proc/cpuinfo").read()))
     except (OSError, ValueError):
         pass
-    # AVX2 with FMA: 2 FMA units x 8 f32 lanes x 2 flops = 32 flop per cycle per core.
-    return {"cpus": os.cpu_count(), "cpu_model": model, "mhz": mhz,
-            "peak_gflops_per_core": mhz / 1000 * 32, "loadavg": os.getloadavg()}
+    # f32 flops per cycle per core: 2 FMA units x lanes x 2 flops. AVX-512 = 16 lanes (64 flop,
+    # assuming 2 FMA ports as on Xeon Gold/Platinum: `make bench-kernels` measures up to 140
+    # GFLOP/s on one 2.3 GHz core here, more than one 512-bit unit could do), AVX2 = 8 lanes (32).
+    flags = ""
+    try:
+        flags = re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split()
+    except (OSError, AttributeError):
+        pass
+    simd, per_cycle = ("AVX-512", 64) if "avx512f" in flags else ("AVX2 FMA", 32) if "fma" in flags else ("SSE", 8)
+    return {"cpus": os.cpu_count(), "cpu_model": model, "mhz": mhz, "simd": simd, "flop_per_cycle": per_cycle,
+            "peak_gflops_per_core": mhz / 1000 * per_cycle, "loadavg": os.getloadavg()}
 
 
 def token_lengths(port, texts):
@@ -360,22 +369,30 @@ def section_throughput(kinds, workers, conns, max_requests_list, seconds):
     return rows
 
 
+# The latency contenders: forkserve with one and with two compute threads, and the Python stack
+# (torch uses every core by default). `cores` is what the % of peak is measured against.
+LATENCY_SETUPS = {"forkserve": ("forkserve", 1), "forkserve 2 threads": ("forkserve", 2), "python": ("python", None)}
+SHORT = "The Art of Dog Walking"  # "short": one seed title, 7 tokens with [CLS] and [SEP]
+
+
 def section_latency(kinds, batches, repeats):
+    setups = [name for name, (kind, _) in LATENCY_SETUPS.items() if kind in kinds]
     rows = []
     servers = {}
     try:
-        for kind in kinds:
-            servers[kind] = Server(kind, 1)
-            servers[kind].wait_first_ok()
+        for name in setups:
+            kind, threads = LATENCY_SETUPS[name]
+            servers[name] = Server(kind, 1, threads=threads or 1)
+            servers[name].wait_first_ok()
         for n in batches:
-            row = {"batch": n, "load_before": os.getloadavg()[0]}
-            body = json.dumps({"sentences": sentences(n)}).encode()
-            if "forkserve" in servers:
-                lengths = token_lengths(servers["forkserve"].port, sentences(n))
-                row["tokens"] = sum(lengths)
-                row["gflop"] = forward_flops(lengths) / 1e9
-            for kind in kinds:
-                s = servers[kind]
+            texts = [SHORT] if n == "short" else sentences(n)
+            row = {"batch": n, "load_before": os.getloadavg()[0], "setups": setups}
+            body = json.dumps({"sentences": texts}).encode()
+            lengths = token_lengths(servers[setups[0]].port, texts)
+            row["tokens"] = sum(lengths)
+            row["gflop"] = forward_flops(lengths) / 1e9
+            for name in setups:
+                s = servers[name]
                 conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
                 s.post(body, conn)  # warm this batch shape
                 times = []
@@ -384,12 +401,30 @@ def section_latency(kinds, batches, repeats):
                     assert s.post(body, conn) == 200
                     times.append((time.monotonic() - t) * 1000)
                 conn.close()
-                row[kind] = {"median_ms": statistics.median(times), "runs_ms": times}
+                cores = LATENCY_SETUPS[name][1] or os.cpu_count()
+                row[name] = {"median_ms": statistics.median(times), "runs_ms": times, "cores": cores}
             rows.append(row)
-            print(f"  latency batch {n}: " + ", ".join(f"{k} {row[k]['median_ms']:.1f} ms" for k in kinds), flush=True)
+            print(f"  latency batch {n}: " + ", ".join(f"{k} {row[k]['median_ms']:.1f} ms" for k in setups), flush=True)
     finally:
         for s in servers.values():
             s.stop()
+    return rows
+
+
+def section_threads(combos, connections, seconds):
+    """forkserve alone: requests/s under wrk for each (workers, threads) on the seed request."""
+    rows = []
+    for workers, threads in combos:
+        s = Server("forkserve", workers, threads=threads)
+        try:
+            s.wait_first_ok()
+            s.wait_all_workers()
+            w = run_wrk(s, connections, seconds)
+        finally:
+            s.stop()
+        rows.append({"workers": workers, "threads": threads, "connections": connections, "forkserve": w})
+        print(f"  workers={workers} threads={threads}: {w['requests_per_s']} req/s, "
+              f"p99 {w['latency_ms'].get('p99', 0):.0f} ms", flush=True)
     return rows
 
 
@@ -458,18 +493,35 @@ def report(results):
                 cells.append(ratio(r[kinds[0]]["requests_per_s"], r[kinds[1]]["requests_per_s"]))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if results.get("threads"):
+        lines += ["### Workers x compute threads (forkserve, wrk, 9 seed titles)", ""]
+        head(["workers", "threads", "conns", "req/s", "p50/p90/p99 ms"])
+        for r in results["threads"]:
+            w, lat = r["forkserve"], r["forkserve"]["latency_ms"]
+            lines.append(f"| {r['workers']} | {r['threads']} | {r['connections']} | {w['requests_per_s']} | "
+                         + "/".join(f"{lat.get(p, 0):.0f}" for p in ("p50", "p90", "p99")) + " |")
+        lines.append("")
     if results.get("latency"):
         lines += [f"### Single-request latency, 1 worker, median of {results['latency_repeats']} sequential requests (ms)", ""]
-        peak = results["machine"].get("peak_gflops_per_core") or 0
-        head(["sentences", "tokens", "GFLOP"] + [f"{k} ms" for k in kinds] + (["forkserve / python"] if both else [])
-             + [f"{k} GFLOP/s (% of one core's peak)" for k in kinds])
+        m = results["machine"]
+        peak = m.get("peak_gflops_per_core") or 0
+        setups = results["latency"][0]["setups"]
+        head(["sentences", "tokens", "GFLOP"] + [f"{k} ms" for k in setups]
+             + (["forkserve / python"] if "python" in setups else [])
+             + [f"{k} GFLOP/s (% of peak of its cores)" for k in setups])
         for r in results["latency"]:
-            vals = [r[k]["median_ms"] for k in kinds]
+            vals = [r[k]["median_ms"] for k in setups]
             gflop = r.get("gflop", 0)
-            rates = [f"{gflop / (v / 1000):.1f} ({100 * gflop / (v / 1000) / peak:.0f}%)" if gflop and peak else "–" for v in vals]
+            rates = []
+            for k, v in zip(setups, vals):
+                rate = gflop / (v / 1000)
+                rates.append(f"{rate:.1f} ({100 * rate / (peak * r[k]['cores']):.0f}%)" if gflop and peak else "–")
             lines.append("| " + " | ".join([str(r["batch"]), str(r.get("tokens", "–")), f"{gflop:.2f}"] + [f"{v:.1f}" for v in vals]
-                                            + ([ratio(*vals)] if both else []) + rates) + " |")
-        lines.append(f"Peak: {peak:.1f} GFLOP/s per core ({results['machine'].get('mhz', 0):.0f} MHz x 32 fp32 flop/cycle with AVX2 FMA); forkserve: one worker with one compute thread (threads = 1); Python: one worker, torch's default intra-op threads (every core). "
+                                            + ([ratio(r["forkserve"]["median_ms"], r["python"]["median_ms"])] if "python" in setups else [])
+                                            + rates) + " |")
+        lines.append(f"Peak: {peak:.1f} GFLOP/s per core ({m.get('mhz', 0):.0f} MHz x {m.get('flop_per_cycle', 32)} fp32 flop/cycle, "
+                     f"{m.get('simd', 'AVX2 FMA')}); forkserve: one worker with 1 or 2 compute threads; Python: one worker, "
+                     "torch's default intra-op threads (every core). \"short\" is one seed title. "
                      "GFLOP = 2 x non-embedding weights x tokens + attention (4·n²·hidden per layer and sentence).")
         lines.append("")
     return "\n".join(lines)
@@ -509,8 +561,10 @@ def charts(results):
              [f"c={r['connections']} mr={r['max_requests']}" for r in results["throughput"]],
              {k: [r[k]["requests_per_s"] or 0 for r in results["throughput"]] for k in kinds})
     if results.get("latency"):
+        setups = results["latency"][0]["setups"]
+        kinds[:] = setups  # bars() draws one bar per entry of `kinds`
         bars("latency.png", "Single-request latency, 1 worker", "ms", [f"{r['batch']} sent." for r in results["latency"]],
-             {k: [r[k]["median_ms"] for r in results["latency"]] for k in kinds})
+             {k: [r[k]["median_ms"] for r in results["latency"]] for k in setups})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,11 +609,12 @@ def selftest():
     fake = {"kinds": ["forkserve", "python"], "machine": {"cpus": 2, "cpu_model": "x", "loadavg": (0.1, 0, 0),
                                                           "mhz": 2300.0, "peak_gflops_per_core": 73.6},
             "latency_repeats": 3,
-            "latency": [{"batch": 9, "tokens": 69, "gflop": 1.47, "forkserve": {"median_ms": 40.0}, "python": {"median_ms": 68.0}}],
+            "latency": [{"batch": 9, "tokens": 69, "gflop": 1.47, "setups": ["forkserve", "python"],
+                         "forkserve": {"median_ms": 40.0, "cores": 1}, "python": {"median_ms": 68.0, "cores": 2}}],
             "throughput": [{"workers": 2, "connections": 4, "max_requests": 0,
                             "forkserve": dict(w, worker_exits=0), "python": dict(w, worker_exits=2)}]}
     text = report(fake)
-    assert "| 9 | 69 | 1.47 | 40.0 | 68.0 | 0.59 | 36.8 (50%) | 21.6 (29%) |" in text, text
+    assert "| 9 | 69 | 1.47 | 40.0 | 68.0 | 0.59 | 36.8 (50%) | 21.6 (15%) |" in text, text
     assert forward_flops([10]) == 2 * NON_EMBEDDING_WEIGHTS * 10 + 6 * 4 * 384 * 100
     assert "| 2 | 4 | 0 | 31.18 | 58/70/1200 | 3 | 24 | 0 | 31.18 | 58/70/1200 | 3 | 24 | 2 | 1.00 |" in text, text
     assert len(sentences(32)) == len(set(sentences(32))) == 32
@@ -570,8 +625,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="forkserve alone, one setting each (< 3 min)")
     ap.add_argument("--selftest", action="store_true")
-    ap.add_argument("--sections", default="startup,memory,throughput,latency")
-    ap.add_argument("--batches", help="latency batch sizes, e.g. 1,9,32,128")
+    ap.add_argument("--sections", default="startup,memory,throughput,threads,latency")
+    ap.add_argument("--batches", help="latency batch sizes, e.g. short,1,9,32,128")
     ap.add_argument("--out", help="name of the result files under bench/results (default bench or bench-quick)")
     args = ap.parse_args()
     if args.selftest:
@@ -599,9 +654,14 @@ def main():
             results["throughput"] = section_throughput(kinds, 2, [4], [0], 10)
         else:
             results["throughput"] = section_throughput(kinds, 2, [4, 16], [0, 50], 20)
+    if "threads" in sections:
+        print("threads", flush=True)
+        combos = [(2, 1), (1, 2)] if args.quick else [(1, 1), (1, 2), (2, 1), (2, 2)]
+        results["threads"] = section_threads(combos, 4, 10 if args.quick else 15)
     if "latency" in sections:
         print("latency", flush=True)
-        batches = [int(b) for b in args.batches.split(",")] if args.batches else ([9] if args.quick else [1, 9, 32, 128])
+        spec = args.batches or ("short,9" if args.quick else "short,1,9,32,128")
+        batches = [b if b == "short" else int(b) for b in spec.split(",")]
         results["latency"] = section_latency(kinds, batches, results["latency_repeats"])
     results["elapsed_s"] = time.monotonic() - t0
     name = args.out or ("bench-quick" if args.quick else "bench")
