@@ -137,8 +137,12 @@ pub struct Arbiter {
     invocation: Invocation,
     last_memory_sample: Instant,
     systemd: crate::systemd::Notifier,
-    /// READY=1 is sent once, when the configured workers are first all ready.
+    /// READY=1 is sent when the configured workers are first all ready, and again when a
+    /// reload's new generation is.
     announced_ready: bool,
+    socket_activated: bool,
+    /// The worker-count part of the last STATUS=, to send a change of it at once.
+    status_counts: String,
 }
 
 /// What the master needs besides its configuration.
@@ -151,6 +155,8 @@ pub struct MasterParts {
     pub signals: SignalQueue,
     pub pidfile: Option<Pidfile>,
     pub upgraded_from: Option<i32>,
+    /// The listeners came from systemd (LISTEN_FDS): a reload never binds.
+    pub socket_activated: bool,
     pub invocation: Invocation,
 }
 
@@ -179,8 +185,10 @@ impl Arbiter {
             upgrade_child: None,
             invocation: parts.invocation,
             last_memory_sample: Instant::now(),
-            systemd: crate::systemd::Notifier::from_env(),
+            systemd: crate::systemd::Notifier::from_env(parts.upgraded_from),
             announced_ready: false,
+            socket_activated: parts.socket_activated,
+            status_counts: String::new(),
         })
     }
 
@@ -188,6 +196,7 @@ impl Arbiter {
     pub fn run(mut self) -> i32 {
         self.give_log_to_workers();
         self.manage_workers();
+        self.report_to_systemd();
         loop {
             self.sleep(self.next_wakeup());
             while let Some(sig) = self.signals.next() {
@@ -203,6 +212,7 @@ impl Arbiter {
             self.murder_workers();
             self.sample_memory();
             self.manage_workers();
+            self.report_to_systemd();
         }
     }
 
@@ -247,10 +257,12 @@ impl Arbiter {
             return;
         }
         tracing::info!("handling SIGHUP: reloading the configuration");
+        self.systemd.reloading();
         let new = match self.source.load() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("reload failed: {e}; still running on the previous configuration");
+                self.reload_failed(&e.to_string());
                 return;
             }
         };
@@ -260,6 +272,7 @@ impl Arbiter {
                 tracing::error!(
                     "reload failed: bind: {e}; still running on the previous configuration"
                 );
+                self.reload_failed(&format!("bind: {e}"));
                 return;
             }
         };
@@ -281,6 +294,7 @@ impl Arbiter {
                 }
                 Err(e) => {
                     tracing::error!("reload failed: model.path: {e}; still serving the previous model and configuration");
+                    self.reload_failed(&format!("model.path: {e}"));
                     return;
                 }
             }
@@ -293,6 +307,8 @@ impl Arbiter {
         self.generation += 1;
         self.boot_failures = 0;
         self.next_spawn_at = Instant::now();
+        // READY=1 again once the new generation is all ready (announce_ready).
+        self.announced_ready = false;
         tracing::info!(
             generation = self.generation,
             workers = self.config.workers,
@@ -300,10 +316,23 @@ impl Arbiter {
         );
     }
 
+    /// A reload that changed nothing: systemd hears READY=1 after the RELOADING=1, and why.
+    fn reload_failed(&mut self, why: &str) {
+        self.systemd.notify("READY=1");
+        self.systemd.status(
+            &format!("reload failed, previous configuration kept: {why}"),
+            true,
+        );
+    }
+
     /// The listeners for a new configuration: sockets already bound for an address are kept
-    /// (binding them again would fail while they listen); new addresses are bound.
+    /// (binding them again would fail while they listen); new addresses are bound. Sockets
+    /// from systemd are kept whatever `bind` says: the socket unit owns the addresses.
     fn rebind(&mut self, new: &Config) -> std::io::Result<Vec<Bound>> {
-        if new.bind == self.config.bind {
+        if self.socket_activated && new.bind != self.config.bind {
+            tracing::warn!("bind changed, but the sockets come from systemd: edit the .socket unit instead; keeping them");
+        }
+        if new.bind == self.config.bind || self.socket_activated {
             return self.listeners.iter().map(Bound::try_clone).collect();
         }
         let mut out = Vec::new();
@@ -458,6 +487,9 @@ impl Arbiter {
                 }
             }
         }
+        if let Some(d) = self.systemd.until_keep_alive() {
+            consider(d);
+        }
         if let Some(s) = &self.shutdown {
             consider(s.kill_at.saturating_duration_since(now));
         } else if self.next_spawn_at > now {
@@ -583,14 +615,48 @@ impl Arbiter {
             return;
         }
         self.announced_ready = true;
-        let status = format!("STATUS={ready} workers ready");
         if self.upgraded_from.is_some() {
             self.systemd
-                .notify(&format!("MAINPID={}\nREADY=1\n{status}", self.pid));
+                .notify(&format!("MAINPID={}\nREADY=1", self.pid));
         } else {
-            self.systemd.notify(&format!("READY=1\n{status}"));
+            self.systemd.notify("READY=1");
         }
-        tracing::info!(workers = ready, "all workers ready");
+        tracing::info!(
+            workers = ready,
+            generation = self.generation,
+            "all workers ready"
+        );
+    }
+
+    /// The watchdog ping, and STATUS= with live worker counts and requests served (what
+    /// `systemctl status` shows).
+    fn report_to_systemd(&mut self) {
+        self.systemd.keep_alive();
+        let (mut ready, mut booting, mut stopping) = (0, 0, 0);
+        for w in self.workers.values() {
+            match (w.stopping, self.scoreboard.slot(w.slot).state()) {
+                (Some(_), _) => stopping += 1,
+                (None, WorkerState::Booting) => booting += 1,
+                (None, _) => ready += 1,
+            }
+        }
+        let served = self.scoreboard.metrics().total_requests();
+        let state = match &self.shutdown {
+            Some(s) if s.graceful => "stopping (graceful); ",
+            Some(_) => "stopping; ",
+            None => "",
+        };
+        let counts = format!(
+            "{state}workers: {ready} ready, {booting} booting, {stopping} stopping (target {})",
+            self.config.workers
+        );
+        // Worker counts show at once; the request count at most once a second.
+        let counts_changed = counts != self.status_counts;
+        self.systemd.status(
+            &format!("{counts}; requests served: {served}"),
+            counts_changed,
+        );
+        self.status_counts = counts;
     }
 
     /// Notice workers that became ready since the last turn.

@@ -4,6 +4,7 @@
 mod arbiter;
 mod cli;
 mod config;
+mod healthcheck;
 mod memory;
 mod pidfile;
 mod privileges;
@@ -33,11 +34,41 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = cli::Cli::parse();
+    if let Some(address) = &cli.health_check {
+        return match healthcheck::probe(address, std::time::Duration::from_secs(2)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("forkserve: health check of {address}: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        };
+    }
     // How we were started, for a USR2 re-exec; and the sockets a previous master handed us.
     let invocation = Invocation::capture();
     let inherited_fds = std::env::var(sockets::INHERITED_FDS_ENV).ok();
-    // Sound: no thread exists yet. Removed so our own children never see it.
-    std::env::remove_var(sockets::INHERITED_FDS_ENV);
+    // Socket activation: systemd's listening sockets, if they are meant for this process.
+    let activated = systemd::activation_fds(
+        std::env::var("LISTEN_PID").ok().as_deref(),
+        std::env::var("LISTEN_FDS").ok().as_deref(),
+        std::process::id() as i32,
+    );
+    // Sound: no thread exists yet. Removed so our own children never see them (a USR2 master
+    // gets the sockets through FORKSERVE_FDS instead), as sd_listen_fds(3) does.
+    for var in [
+        sockets::INHERITED_FDS_ENV,
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+    ] {
+        std::env::remove_var(var);
+    }
+    let activated = match activated {
+        Ok(fds) => fds,
+        Err(e) => {
+            eprintln!("forkserve: socket activation: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
 
     let source = ConfigSource {
         path: cli.config.clone(),
@@ -78,7 +109,11 @@ fn main() -> ExitCode {
     }
     let span = tracing::info_span!("master", pid = std::process::id());
     let _entered = span.enter();
-    match start(config, source, invocation, inherited_fds, started) {
+    let sockets = Sockets {
+        upgrade: inherited_fds,
+        activated,
+    };
+    match start(config, source, invocation, sockets, started) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err((code, message)) => {
             tracing::error!("{message}");
@@ -87,11 +122,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Listening sockets the master did not bind itself.
+struct Sockets {
+    /// From the master that started this one by USR2 (`FORKSERVE_FDS`).
+    upgrade: Option<String>,
+    /// From systemd's socket activation (`LISTEN_FDS`).
+    activated: Option<Vec<i32>>,
+}
+
 fn start(
     config: Config,
     source: ConfigSource,
     invocation: Invocation,
-    inherited_fds: Option<String>,
+    sockets: Sockets,
     started: Instant,
 ) -> Result<i32, (u8, String)> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting forkserve");
@@ -99,21 +142,36 @@ fn start(
     let signals = signals::SignalQueue::open()
         .map_err(|e| (EXIT_FAILURE, format!("cannot set up signals: {e}")))?;
 
-    let upgraded_from = inherited_fds
+    let upgraded_from = sockets
+        .upgrade
         .as_ref()
         .map(|_| nix::unistd::getppid().as_raw());
-    let listeners = match &inherited_fds {
-        Some(fds) => {
+    let socket_activated = sockets.activated.is_some();
+    let listeners = match (&sockets.upgrade, &sockets.activated) {
+        (Some(fds), _) => {
             sockets::inherit(fds).map_err(|e| (EXIT_FAILURE, format!("inherited sockets: {e}")))?
         }
-        None => sockets::bind_all(&config.bind, config.backlog, config.socket_mode)
+        (None, Some(fds)) => {
+            let list: Vec<String> = fds.iter().map(i32::to_string).collect();
+            sockets::inherit(&list.join(","))
+                .map_err(|e| (EXIT_FAILURE, format!("socket activation: {e}")))?
+        }
+        (None, None) => sockets::bind_all(&config.bind, config.backlog, config.socket_mode)
             .map_err(|e| (EXIT_FAILURE, format!("bind: {e}")))?,
     };
     for b in &listeners {
         match upgraded_from {
             Some(old) => tracing::info!(old_master = old, "listening at: {} (inherited)", b.name),
+            None if socket_activated => {
+                tracing::info!("listening at: {} (from systemd)", b.name)
+            }
             None => tracing::info!("listening at: {}", b.name),
         }
+    }
+    if socket_activated {
+        tracing::info!(
+            "socket activation: `bind` is not used; systemd's sockets are never re-bound"
+        );
     }
 
     let loading = Instant::now();
@@ -163,6 +221,7 @@ fn start(
         signals,
         pidfile,
         upgraded_from,
+        socket_activated,
         invocation,
     };
     let arbiter = Arbiter::new(config, parts)

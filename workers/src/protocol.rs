@@ -236,6 +236,15 @@ impl SharedMetrics {
         self.latency[route].observe(&LATENCY_BUCKETS, seconds);
     }
 
+    /// Requests answered since the server started, every route and status.
+    pub fn total_requests(&self) -> u64 {
+        self.requests
+            .iter()
+            .flatten()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
     pub fn count_batch(&self, sentences: usize, tokens: usize, padded: usize) {
         self.batch_size.observe(&BATCH_BUCKETS, sentences as f64);
         self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
