@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# What the client tests need besides Rust: a virtualenv with the official openai client,
-# schemathesis and selenium (target/pyenv), and Debian's chromium + chromium-driver for the
-# page test. Idempotent: does nothing once everything is there.
+# What the tests need besides Rust: a virtualenv (target/pyenv) with the official openai
+# client, schemathesis, selenium, hadolint and PyYAML, and the Debian packages below.
+# Idempotent: does nothing once everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,12 +16,18 @@ if [ ! -f "$STAMP" ] || [ "$REQ" -nt "$STAMP" ]; then
     touch "$STAMP"
 fi
 
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+# Debian packages: chromium for the page test; systemd for systemd-analyze and
+# systemd-socket-activate (tests/systemd.rs); make for the Makefile test.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v systemd-analyze >/dev/null && command -v systemd-socket-activate >/dev/null || missing+=(systemd)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
-        echo "the page test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver" >&2
+        echo "the tests need Debian's ${missing[*]}: apt-get install ${missing[*]}" >&2
         exit 1
     fi
-    echo "installing chromium and chromium-driver (Debian)" >&2
+    echo "installing ${missing[*]} (Debian)" >&2
     apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi

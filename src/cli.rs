@@ -53,6 +53,10 @@ pub struct Cli {
     /// Print the effective configuration (file + environment + flags) and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// GET /health at HOST:PORT and exit 0 if it answers 200, 1 otherwise (a container
+    /// HEALTHCHECK that needs no curl in the image).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["check_config", "print_config"])]
+    pub health_check: Option<String>,
 }
 
 impl Cli {
