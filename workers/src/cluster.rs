@@ -261,4 +261,86 @@ mod tests {
             last = count;
         }
     }
+
+    /// Random unit vectors: the clustering's properties hold for any input, not just
+    /// sentences.
+    fn vectors() -> impl proptest::strategy::Strategy<Value = Vec<Vec<f32>>> {
+        use proptest::prelude::*;
+        (2usize..6).prop_flat_map(|dim| {
+            proptest::collection::vec(
+                proptest::collection::vec(-1.0f32..1.0, dim).prop_map(|v| {
+                    // Away from the zero vector, which has no direction.
+                    let v: Vec<f32> = v.iter().map(|x| x + 0.01).collect();
+                    unit(&v)
+                }),
+                1..40,
+            )
+        })
+    }
+
+    /// The output rules of both algorithms: every index exactly once; clusters of at least
+    /// `min_size`, largest first, members in input order; unclustered in input order.
+    fn well_formed(c: &Clustering, n: usize, min_size: usize) {
+        every_index_once(c, n);
+        for cluster in &c.clusters {
+            assert!(cluster.len() >= min_size.max(1));
+            assert!(cluster.windows(2).all(|w| w[0] < w[1]), "{cluster:?}");
+        }
+        assert!(c.clusters.windows(2).all(|w| w[0].len() >= w[1].len()));
+        assert!(c.unclustered.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn prop_both_algorithms_partition_the_input(
+            e in vectors(),
+            threshold in -1.0f32..1.0,
+            min_size in 1usize..5,
+        ) {
+            // community_detection caps the minimum at the input size, as sentence-transformers
+            // does (`min(min_community_size, len(embeddings))`).
+            well_formed(&community_detection(&e, threshold, min_size), e.len(), min_size.min(e.len()));
+            well_formed(&agglomerative(&e, threshold, min_size), e.len(), min_size);
+        }
+
+        /// A higher threshold never merges more: every agglomerative cluster at the higher
+        /// threshold lies inside one cluster at the lower (the same dendrogram, cut lower).
+        #[test]
+        fn prop_agglomerative_thresholds_are_monotonic(
+            e in vectors(),
+            a in -1.0f32..1.0,
+            b in -1.0f32..1.0,
+        ) {
+            let (low, high) = if a <= b { (a, b) } else { (b, a) };
+            let coarse = agglomerative(&e, low, 1);
+            let fine = agglomerative(&e, high, 1);
+            proptest::prop_assert!(fine.clusters.len() >= coarse.clusters.len());
+            for f in &fine.clusters {
+                proptest::prop_assert!(
+                    coarse.clusters.iter().any(|c| f.iter().all(|i| c.contains(i))),
+                    "{:?} at {} is split across clusters at {}", f, high, low
+                );
+            }
+        }
+
+        /// Community detection: a community is the unclaimed part of one anchor's
+        /// neighbourhood, so some sentence (the anchor, possibly claimed by a larger community
+        /// first) is at least `threshold` similar to every member; and with a threshold no
+        /// pair reaches, nothing is grouped.
+        #[test]
+        fn prop_community_members_reach_the_threshold(
+            e in vectors(),
+            threshold in -1.0f32..1.0,
+        ) {
+            let c = community_detection(&e, threshold, 1);
+            for cluster in &c.clusters {
+                let anchored = (0..e.len()).any(|a| {
+                    cluster.iter().all(|&j| cosine(&e[a], &e[j]) >= threshold)
+                });
+                proptest::prop_assert!(anchored, "no anchor within {} in {:?}", threshold, cluster);
+            }
+            let apart = community_detection(&e, 1.5, 1);
+            proptest::prop_assert!(apart.clusters.is_empty());
+        }
+    }
 }
