@@ -6,7 +6,7 @@ MODEL_DIR := models/all-MiniLM-L6-v2
 CONFIG ?= conf/forkserve.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help model test-deps build run test lint docker release bench bench-quick bench-kernels bench-memory bench-ops clean
+.PHONY: help model test-deps build run test lint audit soak fuzz docker release bench bench-quick bench-kernels bench-memory bench-ops clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -29,9 +29,31 @@ test: model test-deps ## Build and run every test (unit + integration, real bina
 	$(CARGO) build --release --locked --all-targets
 	$(CARGO) test --release --locked --workspace
 
-lint: ## cargo fmt --check and clippy -D warnings
+lint: ## cargo fmt --check, clippy -D warnings, and cargo audit where its advisory DB is reachable
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+	@if timeout 20 git ls-remote $(ADVISORY_DB) HEAD >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory audit; \
+	else \
+		echo "lint: cargo audit NOT run: $(ADVISORY_DB) is unreachable from this machine" >&2; \
+	fi
+
+ADVISORY_DB := https://github.com/rustsec/advisory-db
+audit: ## Dependencies against the RustSec advisory DB (installs cargo-audit; needs github.com)
+	@command -v cargo-audit >/dev/null || $(CARGO) install cargo-audit --locked
+	$(CARGO) audit --deny warnings
+
+# The full-size reliability runs (the #[ignore]d tests of tests/reliability.rs); make test runs
+# the same scenarios at CI size.
+soak: model build ## kill -9 under load for 30 s, 20,000-request memory soak, recycling (~4 min)
+	$(CARGO) test --release --locked --test reliability -- --ignored --nocapture --test-threads 1
+
+FUZZ_SECONDS ?= 120
+fuzz: ## cargo-fuzz: /cluster body -> validation -> clustering, and the config parser (nightly)
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for target in cluster_request config; do \
+		$(CARGO) +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096 || exit 1; \
+	done
 
 IMAGE ?= forkserve:latest
 docker: ## Build the container image (docker/Dockerfile, needs a Docker engine): $(IMAGE)

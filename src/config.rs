@@ -323,15 +323,40 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Config, ConfigError> {
-        let mut table = match path {
+        let table = match path {
             Some(p) => read_table(p)?,
             None if Path::new(DEFAULT_CONFIG_PATH).is_file() => {
                 read_table(Path::new(DEFAULT_CONFIG_PATH))?
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut table, env)?;
         let origin = path.map_or(DEFAULT_CONFIG_PATH.to_string(), |p| p.display().to_string());
+        Config::from_table(table, &origin, env, overrides)
+    }
+
+    /// `load` on a file's text (`origin` names it in errors). The master reads files; this is
+    /// for the config fuzz target (fuzz/fuzz_targets/config.rs) and the tests.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn from_text(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::new(origin, e.to_string()))?;
+        Config::from_table(table, origin, env, overrides)
+    }
+
+    fn from_table(
+        mut table: toml::Table,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        apply_env(&mut table, env)?;
+        let origin = origin.to_string();
         // serde_path_to_error names the key that failed ("workers", "model.path"); a key
         // unknown at the top level has no path, so the file is named instead.
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
@@ -622,15 +647,27 @@ mod tests {
     }
 
     fn from_str(text: &str) -> Result<Config, ConfigError> {
-        let dir = std::env::temp_dir().join(format!(
+        Config::from_text(text, "test.toml", env(&[]), &Overrides::default())
+    }
+
+    /// A file goes through the same path as text.
+    #[test]
+    fn a_file_and_its_text_load_the_same() {
+        let path = std::env::temp_dir().join(format!(
             "forkserve-config-test-{}-{}",
             std::process::id(),
             fastrand::u64(..)
         ));
-        std::fs::write(&dir, text).unwrap();
-        let r = Config::load(Some(&dir), env(&[]), &Overrides::default());
-        std::fs::remove_file(&dir).unwrap();
-        r
+        let text = "workers = 3\n[cluster]\nthreshold = 0.6\n";
+        std::fs::write(&path, text).unwrap();
+        let from_file = Config::load(Some(&path), env(&[]), &Overrides::default());
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            from_file.unwrap().to_toml(),
+            from_str(text).unwrap().to_toml()
+        );
+        let e = from_str("workers = ").unwrap_err();
+        assert_eq!(e.key, "test.toml", "{e}");
     }
 
     #[test]

@@ -33,6 +33,7 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    tune_allocator();
     let cli = cli::Cli::parse();
     if let Some(address) = &cli.health_check {
         return match healthcheck::probe(address, std::time::Duration::from_secs(2)) {
@@ -227,6 +228,26 @@ fn start(
     let arbiter = Arbiter::new(config, parts)
         .map_err(|e| (EXIT_FAILURE, format!("cannot create the wake-up pipe: {e}")))?;
     Ok(arbiter.run())
+}
+
+/// glibc's malloc raises its mmap threshold each time a large block is freed, so large blocks
+/// (a request's activations, its body) end up in the heap, where they fragment it: a worker's
+/// private memory crept up by ~10-30 % over 20,000 requests before levelling off (tests/
+/// reliability.rs, `make soak`), and the master's heap kept ~50 MB of freed loading buffers
+/// that every worker inherits. A fixed threshold gives every block of 128 KiB or more its own
+/// mapping, returned to the kernel when freed. Set before anything allocates much, in the
+/// master; the workers inherit it through fork.
+fn tune_allocator() {
+    const LARGE: i32 = 128 * 1024;
+    // SAFETY: mallopt only sets allocator parameters and is called first thing in main, while
+    // the process has one thread and nothing else is allocating.
+    let ok = unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, LARGE) == 1
+            && nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, LARGE) == 1
+    };
+    if !ok {
+        eprintln!("forkserve: warning: could not set malloc's thresholds");
+    }
 }
 
 /// The environment as UTF-8 pairs; variables that are not UTF-8 cannot be config keys.

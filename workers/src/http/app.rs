@@ -540,13 +540,20 @@ async fn read_json(req: Request<Incoming>, max_bytes: usize) -> Result<Value, Ap
             }
         })?
         .to_bytes();
-    if let Err(e) = std::str::from_utf8(&bytes) {
+    decode_json(&bytes)
+}
+
+/// A request body as JSON: UTF-8 first (naming the offset of the first bad byte), then
+/// serde_json, whose recursion limit (128) refuses deep nesting before it can overflow a
+/// stack. Public for the fuzz target `fuzz/fuzz_targets/cluster_request.rs`.
+pub fn decode_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    if let Err(e) = std::str::from_utf8(bytes) {
         return Err(ApiError::InvalidUtf8(format!(
             "invalid byte sequence at offset {}",
             e.valid_up_to()
         )));
     }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
 }
 
 fn require_json_content_type(req: &Request<Incoming>) -> Result<(), ApiError> {
