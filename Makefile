@@ -26,7 +26,7 @@ run: model build ## Serve the default model on 127.0.0.1:8000 (conf/forkserve.to
 # Tests run against the release build: candle in debug is too slow to serve, and building
 # once keeps CI short. The same target dir serves both commands.
 test: model test-deps ## Build and run every test (unit + integration, real binary, model and clients)
-	$(CARGO) build --release --locked --all-targets
+	$(CARGO) build --release --locked --workspace --all-targets
 	$(CARGO) test --release --locked --workspace
 
 lint: ## cargo fmt --check, clippy -D warnings, and cargo audit where its advisory DB is reachable

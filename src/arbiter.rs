@@ -143,6 +143,8 @@ pub struct Arbiter {
     socket_activated: bool,
     /// The worker-count part of the last STATUS=, to send a change of it at once.
     status_counts: String,
+    /// Why the last reload was refused, shown in STATUS= until a reload succeeds.
+    reload_refused: Option<String>,
 }
 
 /// What the master needs besides its configuration.
@@ -189,6 +191,7 @@ impl Arbiter {
             announced_ready: false,
             socket_activated: parts.socket_activated,
             status_counts: String::new(),
+            reload_refused: None,
         })
     }
 
@@ -309,6 +312,7 @@ impl Arbiter {
         self.next_spawn_at = Instant::now();
         // READY=1 again once the new generation is all ready (announce_ready).
         self.announced_ready = false;
+        self.reload_refused = None;
         tracing::info!(
             generation = self.generation,
             workers = self.config.workers,
@@ -316,13 +320,13 @@ impl Arbiter {
         );
     }
 
-    /// A reload that changed nothing: systemd hears READY=1 after the RELOADING=1, and why.
+    /// A reload that changed nothing: systemd hears READY=1 after the RELOADING=1, and
+    /// `systemctl status` shows why until a reload succeeds.
     fn reload_failed(&mut self, why: &str) {
         self.systemd.notify("READY=1");
-        self.systemd.status(
-            &format!("reload failed, previous configuration kept: {why}"),
-            true,
-        );
+        self.reload_refused = Some(why.to_string());
+        self.status_counts.clear(); // send the new STATUS= at once
+        self.report_to_systemd();
     }
 
     /// The listeners for a new configuration: sockets already bound for an address are kept
@@ -646,10 +650,13 @@ impl Arbiter {
             Some(_) => "stopping; ",
             None => "",
         };
-        let counts = format!(
+        let mut counts = format!(
             "{state}workers: {ready} ready, {booting} booting, {stopping} stopping (target {})",
             self.config.workers
         );
+        if let Some(why) = &self.reload_refused {
+            counts = format!("reload failed, previous configuration kept ({why}); {counts}");
+        }
         // Worker counts show at once; the request count at most once a second.
         let counts_changed = counts != self.status_counts;
         self.systemd.status(

@@ -139,6 +139,14 @@ fn notifications_through_start_reload_and_stop() {
     );
     assert!(failed.contains("workers"), "{failed}");
     assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+    // The reason stays in STATUS= (what `systemctl status` shows) as the counts move on.
+    let later = systemd.wait_for("a later STATUS=", Duration::from_secs(5), |m| {
+        m.starts_with("STATUS=") && m != failed
+    });
+    assert!(
+        later.contains("reload failed") && later.contains("workers: 3 ready"),
+        "{later}"
+    );
 
     // TERM: STOPPING=1.
     server.signal("TERM");
