@@ -351,13 +351,11 @@ fn master_kill_9_takes_every_worker_down_and_the_port_can_be_bound_again() {
 // ---------------------------------------------------------------------------------------------
 // 4. Soak
 
-/// With `max_requests = 0`, USS per worker after 1,000 requests (the baseline), after
-/// `plateau_from`, and after `total`. A leak grows without end. What glibc's heap does instead
-/// is one step, at a point that varies from run to run, up to the worker's high-water mark
-/// (~4.0-4.1 MiB here, whatever the baseline: 2.3-3.9 MiB), then nothing: a 40,000-request
-/// probe stayed at 4,916-4,924 KiB from request 8,000 on. So the test bounds the growth since
-/// request 1,000 to 2 MiB (the largest step seen was 1.4 MiB) and the total to the 8 MiB a
-/// worker may cost. Then `max_requests = 50` loses nothing.
+/// With `max_requests = 0`, each worker's USS after `total` requests is within 10 % of after
+/// 1,000 (and stays under the 8 MiB a worker may cost); then `max_requests = 50` loses
+/// nothing. Before workers took their copy of the master's heap at boot (`own_inherited_heap`
+/// in workers/src/worker.rs), USS took a 0.5-1.4 MiB step at a random point in the first
+/// ~5,000 requests as malloc dirtied shared heap pages one by one, and this failed.
 fn memory_stays_flat(plateau_from: u64, total: u64, recycled: u64) {
     let first = 1_000;
     let server = Server::start(&config("workers = 2"), 2);
@@ -396,7 +394,7 @@ fn memory_stays_flat(plateau_from: u64, total: u64, recycled: u64) {
     );
     for (a, z) in after_first.iter().zip(&after_total) {
         assert!(
-            *z <= a + 2048,
+            *z as f64 <= *a as f64 * 1.10,
             "USS grew from {a} to {z} KiB between request {first} and {total}"
         );
         assert!(*z <= 8 * 1024, "USS {z} KiB after {total} requests");
