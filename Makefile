@@ -27,7 +27,7 @@ run: model build ## Serve the default model on 127.0.0.1:8000 (conf/forkserve.to
 # once keeps CI short. The same target dir serves both commands.
 test: model test-deps ## Build and run every test (unit + integration, real binary, model and clients)
 	$(CARGO) build --release --locked --workspace --all-targets
-	$(CARGO) test --release --locked --workspace
+	$(CARGO) test --release --locked --workspace --no-fail-fast
 
 lint: ## cargo fmt --check, clippy -D warnings, and cargo audit where its advisory DB is reachable
 	$(CARGO) fmt --all -- --check

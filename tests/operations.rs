@@ -22,13 +22,6 @@ fn rewrite_config(server: &Server, text: &str) {
     std::fs::write(server.dir.path("forkserve.toml"), text).unwrap();
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
-    })
-}
-
 #[test]
 fn hup_with_a_new_worker_count_rolls_the_workers_without_a_failed_request() {
     let server = Server::start(&config("workers = 2"), 2);

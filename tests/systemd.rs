@@ -50,6 +50,15 @@ impl Systemd {
         }
     }
 
+    /// Collect whatever has arrived, without waiting past the socket's read timeout.
+    fn drain(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            self.messages.push((Instant::now(), text));
+        }
+    }
+
     fn texts(&self) -> Vec<&str> {
         self.messages.iter().map(|(_, m)| m.as_str()).collect()
     }
@@ -189,12 +198,7 @@ fn watchdog_pid_of_another_process_turns_the_watchdog_off() {
     );
     systemd.wait_for("READY=1", Duration::from_secs(60), |m| m == "READY=1");
     std::thread::sleep(Duration::from_millis(600));
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = systemd.socket.recv(&mut buf) {
-        systemd
-            .messages
-            .push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into()));
-    }
+    systemd.drain();
     assert!(
         !systemd.texts().contains(&"WATCHDOG=1"),
         "{:?}",

@@ -225,6 +225,14 @@ impl Drop for Server {
     }
 }
 
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
 pub fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
