@@ -636,6 +636,9 @@ impl Arbiter {
     /// `systemctl status` shows).
     fn report_to_systemd(&mut self) {
         self.systemd.keep_alive();
+        if !self.systemd.is_listening() {
+            return; // nothing to format the status for
+        }
         let (mut ready, mut booting, mut stopping) = (0, 0, 0);
         for w in self.workers.values() {
             match (w.stopping, self.scoreboard.slot(w.slot).state()) {

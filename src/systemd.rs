@@ -67,6 +67,11 @@ impl Notifier {
         }
     }
 
+    /// Whether there is a systemd to tell anything (`NOTIFY_SOCKET` set).
+    pub fn is_listening(&self) -> bool {
+        self.socket.is_some()
+    }
+
     /// `RELOADING=1`, with the `MONOTONIC_USEC` that systemd 253+ asks for alongside it.
     pub fn reloading(&self) {
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
