@@ -27,6 +27,21 @@ struct LayerNorm {
     bias: Vec<f32>,
 }
 
+impl LayerNorm {
+    /// `x = LayerNorm(x + residual)` on every `width`-wide row of `x`.
+    fn rows(&self, x: &mut [f32], residual: Option<&[f32]>, width: usize, eps: f32) {
+        match residual {
+            Some(r) => x
+                .chunks_exact_mut(width)
+                .zip(r.chunks_exact(width))
+                .for_each(|(row, res)| layer_norm(row, Some(res), &self.weight, &self.bias, eps)),
+            None => x
+                .chunks_exact_mut(width)
+                .for_each(|row| layer_norm(row, None, &self.weight, &self.bias, eps)),
+        }
+    }
+}
+
 struct Layer {
     qkv: Linear,
     attention_out: Linear,
@@ -186,16 +201,10 @@ impl FastBert {
                 for c in 0..h {
                     out[c] = w[c] + p[c] + t[c];
                 }
-                layer_norm(
-                    out,
-                    None,
-                    &self.embedding_norm.weight,
-                    &self.embedding_norm.bias,
-                    self.eps,
-                );
                 row += 1;
             }
         }
+        self.embedding_norm.rows(&mut x, None, h, self.eps);
 
         let inter = self.layers.first().map_or(0, |l| l.intermediate.outputs);
         let mut qkv = vec![0f32; total * 3 * h];
@@ -210,12 +219,10 @@ impl FastBert {
             layer
                 .attention_out
                 .forward(&context, total, &mut projected, threads);
-            for r in 0..total {
-                let residual = &x[r * h..(r + 1) * h];
-                let out = &mut projected[r * h..(r + 1) * h];
-                let norm = &layer.attention_norm;
-                layer_norm(out, Some(residual), &norm.weight, &norm.bias, self.eps);
-            }
+            let rows = total * h;
+            layer
+                .attention_norm
+                .rows(&mut projected[..rows], Some(&x[..rows]), h, self.eps);
             std::mem::swap(&mut x, &mut projected);
             layer
                 .intermediate
@@ -224,12 +231,9 @@ impl FastBert {
             layer
                 .output
                 .forward(&intermediate, total, &mut projected, threads);
-            for r in 0..total {
-                let residual = &x[r * h..(r + 1) * h];
-                let out = &mut projected[r * h..(r + 1) * h];
-                let norm = &layer.output_norm;
-                layer_norm(out, Some(residual), &norm.weight, &norm.bias, self.eps);
-            }
+            layer
+                .output_norm
+                .rows(&mut projected[..rows], Some(&x[..rows]), h, self.eps);
             std::mem::swap(&mut x, &mut projected);
         }
 
