@@ -11,9 +11,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -29,102 +27,7 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A load that remembers every request
-
-/// One request's fate. `served_by` is the worker that answered the connection's previous
-/// request (None on a fresh connection): a failure there tells whose death cut it.
-#[derive(Debug, Clone)]
-struct Outcome {
-    at: Instant,
-    error: Option<String>,
-    served_by: Option<i32>,
-    /// The failure was a refused or failed connect: the listening socket lost a connection.
-    connect: bool,
-}
-
-/// `clients` keep-alive clients sending the 9 seed titles to `/cluster` until stopped. Like
-/// `support::Load`, no client ever retries.
-struct Hammer {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
-}
-
-impl Hammer {
-    fn start(port: u16, clients: usize) -> Hammer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let body = seed_body();
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, outcomes, body) = (stop.clone(), outcomes.clone(), body.clone());
-                std::thread::spawn(move || {
-                    let mut conn: Option<(Connection, Option<i32>)> = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        if conn.as_ref().is_none_or(|(c, _)| c.closed_by_server) {
-                            match Connection::open(port) {
-                                Ok(c) => conn = Some((c, None)),
-                                Err(e) => {
-                                    outcomes.lock().unwrap().push(Outcome {
-                                        at: Instant::now(),
-                                        error: Some(format!("connect: {e}")),
-                                        served_by: None,
-                                        connect: true,
-                                    });
-                                    std::thread::sleep(Duration::from_millis(20));
-                                    continue;
-                                }
-                            }
-                        }
-                        let Some((c, served_by)) = conn.as_mut() else {
-                            continue;
-                        };
-                        let headers = [("Content-Type", "application/json")];
-                        let result = c.send("POST", "/cluster", &headers, body.as_bytes(), true);
-                        let mut outcome = Outcome {
-                            at: Instant::now(),
-                            error: None,
-                            served_by: *served_by,
-                            connect: false,
-                        };
-                        match result {
-                            Ok(r) if r.status == 200 => *served_by = Some(r.worker_pid()),
-                            Ok(r) => outcome.error = Some(format!("status {}", r.status)),
-                            Err(e) => {
-                                outcome.error = Some(e.to_string());
-                                conn = None;
-                            }
-                        }
-                        outcomes.lock().unwrap().push(outcome);
-                    }
-                })
-            })
-            .collect();
-        Hammer {
-            stop,
-            threads,
-            outcomes,
-        }
-    }
-
-    fn answered(&self) -> usize {
-        self.outcomes
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|o| o.error.is_none())
-            .count()
-    }
-
-    fn finish(self) -> Vec<Outcome> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let outcomes = self.outcomes.lock().unwrap().clone();
-        outcomes
-    }
-}
+// Helpers
 
 /// Ready workers according to the server's own `/metrics` (the scoreboard).
 fn ready_workers(port: u16) -> Option<u64> {
@@ -147,7 +50,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn worker_kills_under_load(seconds: u64, clients: usize) {
     let server = Server::start(&config("workers = 2"), 2);
     let master = server.pid();
-    let hammer = Hammer::start(server.port, clients);
+    let load = Load::start_with(server.port, clients, None, seed_body());
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let mut kills: Vec<(Instant, i32)> = Vec::new();
@@ -175,7 +78,7 @@ fn worker_kills_under_load(seconds: u64, clients: usize) {
         // The next kill 2 s after this one.
         std::thread::sleep(Duration::from_secs(2).saturating_sub(at.elapsed()));
     }
-    let outcomes = hammer.finish();
+    let outcomes = load.finish().outcomes;
     let killed: BTreeSet<i32> = kills.iter().map(|&(_, p)| p).collect();
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.error.is_some()).collect();
     let on_killed = failed
@@ -251,7 +154,7 @@ fn sigstopped_worker_under_load_is_replaced_while_the_other_serves() {
     let _serial = one_at_a_time();
     let server = Server::start(&config("workers = 2\ntimeout = 2"), 2);
     let master = server.pid();
-    let hammer = Hammer::start(server.port, 8);
+    let load = Load::start_with(server.port, 8, None, seed_body());
     std::thread::sleep(Duration::from_millis(500));
     let workers: Vec<i32> = children_of(master).into_iter().collect();
     let (stopped, other) = (workers[0], workers[1]);
@@ -259,10 +162,10 @@ fn sigstopped_worker_under_load_is_replaced_while_the_other_serves() {
     send_signal(stopped, "STOP");
     // Every 500 ms until the hung worker is gone, the other one answers requests.
     let mut windows = 0;
-    let mut answered = hammer.answered();
+    let mut answered = load.answered();
     while alive(stopped) {
         std::thread::sleep(Duration::from_millis(500));
-        let now = hammer.answered();
+        let now = load.answered();
         assert!(
             now > answered,
             "no request answered in a 500 ms window while {stopped} hung"
@@ -284,7 +187,7 @@ fn sigstopped_worker_under_load_is_replaced_while_the_other_serves() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let replaced_after = at.elapsed();
-    let outcomes = hammer.finish();
+    let outcomes = load.finish().outcomes;
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.error.is_some()).collect();
     eprintln!(
         "SIGSTOP with timeout = 2: killed after {:.2} s, pool full after {:.2} s; {} requests, \
@@ -313,7 +216,7 @@ fn master_kill_9_takes_every_worker_down_and_the_port_can_be_bound_again() {
     let mut server = Server::start(&config("workers = 2"), 2);
     let port = server.port;
     let workers = server.worker_pids();
-    let hammer = Hammer::start(port, 4);
+    let load = Load::start_with(port, 4, None, seed_body());
     std::thread::sleep(Duration::from_millis(300));
     let at = Instant::now();
     send_signal(server.pid(), "KILL");
@@ -327,7 +230,7 @@ fn master_kill_9_takes_every_worker_down_and_the_port_can_be_bound_again() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let gone_after = at.elapsed();
-    hammer.finish();
+    load.finish();
     // No orphan holds the port: a new server binds it and serves.
     let again = Server::start(
         &config("workers = 1").replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),

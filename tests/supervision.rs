@@ -30,6 +30,7 @@ fn recycling_after_max_requests_drops_no_request() {
         ok,
         failures,
         pids: seen,
+        ..
     } = Load::start(server.port, 8, Some(300)).wait();
     assert!(
         failures.is_empty(),

@@ -464,76 +464,110 @@ pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// Clients looping keep-alive `/cluster` requests (two sentences) until `limit` requests are
-/// done or `finish()` is called. A client reopens its connection only when the server says
-/// `Connection: close`, and never retries: any dropped request is counted as a failure.
+/// One request's fate, as a client saw it. `served_by` is the worker that answered the
+/// connection's previous request (None on a fresh connection): when a request fails, it tells
+/// whose connection broke.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub at: Instant,
+    pub error: Option<String>,
+    pub served_by: Option<i32>,
+    /// A failed connect: the listening socket refused or lost the connection.
+    pub connect: bool,
+}
+
+/// Clients looping keep-alive `/cluster` requests until `limit` requests are done or
+/// `finish()` is called. A client reopens its connection only when the server says
+/// `Connection: close` or the connection broke, and never retries: any dropped request is
+/// counted as a failure. Every request's `Outcome` is kept.
 pub struct Load {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     ok: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
     pids: Arc<Mutex<BTreeSet<i32>>>,
 }
 
 pub struct LoadResult {
     pub ok: u64,
+    /// What went wrong, one line per failed request.
     pub failures: Vec<String>,
     /// Workers that answered.
     pub pids: BTreeSet<i32>,
+    pub outcomes: Vec<Outcome>,
 }
 
 impl Load {
+    /// Two short sentences per request: many requests per second.
     pub fn start(port: u16, clients: usize, limit: Option<u64>) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let taken = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let pids = Arc::new(Mutex::new(BTreeSet::new()));
         let body = serde_json::json!({
             "sentences": ["The Art of Dog Walking", "Learn The Art of Public Speaking"]
         })
         .to_string();
+        Load::start_with(port, clients, limit, body)
+    }
+
+    pub fn start_with(port: u16, clients: usize, limit: Option<u64>, body: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let taken = Arc::new(AtomicU64::new(0));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let pids = Arc::new(Mutex::new(BTreeSet::new()));
         let threads = (0..clients)
             .map(|_| {
-                let (stop, ok, taken, failures, pids, body) = (
+                let (stop, ok, taken, outcomes, pids, body) = (
                     stop.clone(),
                     ok.clone(),
                     taken.clone(),
-                    failures.clone(),
+                    outcomes.clone(),
                     pids.clone(),
                     body.clone(),
                 );
                 std::thread::spawn(move || {
-                    let mut conn: Option<Connection> = None;
+                    let record = |outcome: Outcome| outcomes.lock().unwrap().push(outcome);
+                    let mut conn: Option<(Connection, Option<i32>)> = None;
                     while !stop.load(Ordering::Relaxed)
                         && limit.is_none_or(|l| taken.fetch_add(1, Ordering::Relaxed) < l)
                     {
-                        if conn.as_ref().is_none_or(|c| c.closed_by_server) {
+                        if conn.as_ref().is_none_or(|(c, _)| c.closed_by_server) {
                             match Connection::open(port) {
-                                Ok(c) => conn = Some(c),
+                                Ok(c) => conn = Some((c, None)),
                                 Err(e) => {
-                                    failures.lock().unwrap().push(format!("connect: {e}"));
+                                    record(Outcome {
+                                        at: Instant::now(),
+                                        error: Some(format!("connect: {e}")),
+                                        served_by: None,
+                                        connect: true,
+                                    });
                                     std::thread::sleep(Duration::from_millis(50));
                                     continue;
                                 }
                             }
                         }
-                        let Some(c) = conn.as_mut() else { continue };
+                        let Some((c, served_by)) = conn.as_mut() else {
+                            continue;
+                        };
                         let headers = [("Content-Type", "application/json")];
-                        match c.send("POST", "/cluster", &headers, body.as_bytes(), true) {
+                        let result = c.send("POST", "/cluster", &headers, body.as_bytes(), true);
+                        let mut outcome = Outcome {
+                            at: Instant::now(),
+                            error: None,
+                            served_by: *served_by,
+                            connect: false,
+                        };
+                        match result {
                             Ok(r) if r.status == 200 => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                                 pids.lock().unwrap().insert(r.worker_pid());
+                                *served_by = Some(r.worker_pid());
                             }
-                            Ok(r) => failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("status {}", r.status)),
+                            Ok(r) => outcome.error = Some(format!("status {}", r.status)),
                             Err(e) => {
-                                failures.lock().unwrap().push(e.to_string());
+                                outcome.error = Some(e.to_string());
                                 conn = None;
                             }
                         }
+                        record(outcome);
                     }
                 })
             })
@@ -542,7 +576,7 @@ impl Load {
             stop,
             threads,
             ok,
-            failures,
+            outcomes,
             pids,
         }
     }
@@ -560,10 +594,12 @@ impl Load {
         for t in self.threads {
             t.join().unwrap();
         }
+        let outcomes = self.outcomes.lock().unwrap().clone();
         LoadResult {
             ok: self.ok.load(Ordering::Relaxed),
-            failures: self.failures.lock().unwrap().clone(),
+            failures: outcomes.iter().filter_map(|o| o.error.clone()).collect(),
             pids: self.pids.lock().unwrap().clone(),
+            outcomes,
         }
     }
 
