@@ -32,7 +32,13 @@ fn reference_vectors() -> (Vec<String>, Vec<Vec<f64>>, Vec<usize>) {
         .iter()
         .map(floats)
         .collect();
-    let counts = serde_json::from_value(r["token_counts_truncated"].clone()).unwrap();
+    // What the model saw: the ids after truncation.
+    let counts = r["input_ids_truncated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ids| ids.as_array().unwrap().len())
+        .collect();
     (sentences, vectors, counts)
 }
 

@@ -34,7 +34,7 @@ fn base_url(server: &Server) -> String {
 #[test]
 fn the_official_openai_client_gets_the_reference_embeddings() {
     let server = Server::start(&config("workers = 2"), 2);
-    let reference = project_dir().join("../shared/reference/public.json");
+    let reference = reference_path();
     run(
         Command::new(python())
             .arg(project_dir().join("tests/clients/openai_client.py"))

@@ -1,6 +1,6 @@
 //! The model gives sentence-transformers' answers: the same token ids, embeddings within a
-//! cosine of 0.9999 for every sentence of shared/reference/public.json (long, accented, CJK,
-//! emoji, whitespace-only), and POST /cluster gives the same communities at every threshold.
+//! cosine of 0.9999 for every sentence of tests/data/reference/ (long, accented, CJK, emoji,
+//! whitespace-only), and POST /cluster gives the same communities at every threshold.
 
 mod support;
 

@@ -23,9 +23,14 @@ pub fn model_dir() -> PathBuf {
     project_dir().join("models/all-MiniLM-L6-v2")
 }
 
-/// `../shared/reference/public.json`: sentence-transformers' embeddings and clusters.
+/// sentence-transformers' own answers for the bundled model (token ids, embeddings,
+/// communities), recorded by `scripts/make-reference.py`.
+pub fn reference_path() -> PathBuf {
+    project_dir().join("tests/data/reference/all-MiniLM-L6-v2.json")
+}
+
 pub fn reference() -> serde_json::Value {
-    let path = project_dir().join("../shared/reference/public.json");
+    let path = reference_path();
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("reference JSON")
