@@ -134,7 +134,14 @@ impl App {
         }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, remote: &str) -> Response<Full<Bytes>> {
+    /// Answer one request. `head_defect` is what the connection's `HeadGuard` found wrong in
+    /// this request's raw head, if anything.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        remote: &str,
+        head_defect: Option<&'static str>,
+    ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let line = RequestLine {
             method: req.method().clone(),
@@ -145,7 +152,11 @@ impl App {
         };
         let (route_index, handler) = route(req.method(), req.uri().path());
         // Limits first: a request past them is refused whatever its path.
-        let result = match self.check_request(&req, &line.target).and(handler) {
+        let checked = match head_defect {
+            Some(why) => Err(ApiError::MalformedRequest(why.to_string())),
+            None => self.check_request(&req, &line.target),
+        };
+        let result = match checked.and(handler) {
             Ok(h) => self.dispatch(h, req).await,
             Err(e) => Err(e),
         };
@@ -229,6 +240,11 @@ impl App {
             if headers.get_all(&name).iter().count() > 1 {
                 return malformed(&format!("repeated {name} header"));
             }
+        }
+        if contradicting_scheme_headers(headers) {
+            return malformed(
+                "X-Forwarded-Proto, X-Forwarded-Protocol and X-Forwarded-Ssl disagree on the scheme",
+            );
         }
         let codings: Vec<String> = headers
             .get_all(hyper::header::TRANSFER_ENCODING)
@@ -484,6 +500,26 @@ fn compute_error(e: ComputeError) -> ApiError {
             ApiError::Overloaded("this worker's queue is full; retry shortly".into())
         }
         ComputeError::Failed => ApiError::Internal("internal error while computing".into()),
+    }
+}
+
+/// Whether the headers proxies use to pass the client's scheme say both https and not https
+/// (gunicorn's `secure_scheme_headers`, refused when they disagree).
+fn contradicting_scheme_headers(headers: &hyper::HeaderMap) -> bool {
+    const SECURE: [(&str, &str); 3] = [
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-protocol", "ssl"),
+        ("x-forwarded-ssl", "on"),
+    ];
+    let mut says = SECURE.iter().flat_map(|(name, secure)| {
+        headers
+            .get_all(*name)
+            .iter()
+            .map(move |v| v.as_bytes().eq_ignore_ascii_case(secure.as_bytes()))
+    });
+    match says.next() {
+        Some(first) => says.any(|s| s != first),
+        None => false,
     }
 }
 

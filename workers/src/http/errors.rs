@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
@@ -138,6 +138,13 @@ impl ApiError {
             }
             ApiError::Overloaded(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // A request refused for how it is framed or sized: whatever follows it on the
+            // connection cannot be trusted to start where we think it does.
+            ApiError::MalformedRequest(_)
+            | ApiError::RequestLineTooLong { .. }
+            | ApiError::HeaderTooLarge { .. } => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod errors;
+pub mod head_guard;
 pub mod metrics;
 pub mod openapi;
 pub mod pages;

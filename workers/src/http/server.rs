@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::app::App;
+use super::head_guard::HeadGuard;
 use crate::listener::Listener;
 use crate::protocol::{monotonic_ms, Board, WorkerSlot, WorkerState};
 
@@ -165,15 +166,19 @@ async fn serve_connection<S>(
         last_ms: AtomicU64::new(monotonic_ms()),
     });
     let remote: Arc<str> = remote.into();
+    let (stream, defects) = HeadGuard::new(stream);
+    // Requests of this connection so far: hyper calls the service once per request, in order.
+    let requests = Arc::new(AtomicU64::new(0));
     let service = {
         let activity = activity.clone();
         service_fn(move |req| {
             let app = app.clone();
             let activity = activity.clone();
             let remote = remote.clone();
+            let defect = defects.of_request(requests.fetch_add(1, Ordering::Relaxed));
             async move {
                 activity.in_flight.fetch_add(1, Ordering::AcqRel);
-                let response = app.handle(req, &remote).await;
+                let response = app.handle(req, &remote, defect).await;
                 activity.touch();
                 activity.in_flight.fetch_sub(1, Ordering::AcqRel);
                 Ok::<_, Infallible>(response)
