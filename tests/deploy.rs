@@ -485,3 +485,62 @@ fn health_check_flag_probes_a_running_server() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("connect"));
 }
+
+/// A clone has nothing beside it: no file of the repository may read the directory that sits
+/// next to the development checkout (its reference data and corpus are copied in as
+/// `tests/data/`, or fetched from PyPI). `.ci/run` proves the rest by running `make test` in a
+/// fresh clone alone in an empty directory.
+#[test]
+fn nothing_reads_outside_the_repository() {
+    // Built at run time so that this file does not match itself.
+    let needles = [
+        ["..", "shared"].join("/"),
+        ["shared", "reference"].join("/"),
+        ["shared", "conformance"].join("/"),
+    ];
+    let mut offenders = Vec::new();
+    let mut stack: Vec<std::path::PathBuf> = [
+        "tests",
+        "scripts",
+        "bench",
+        ".ci",
+        "src",
+        "workers",
+        "conf",
+        "docker",
+        "fuzz",
+        "Makefile",
+        "Cargo.toml",
+    ]
+    .iter()
+    .map(|p| project_dir().join(p))
+    .collect();
+    let mut files = 0;
+    while let Some(path) = stack.pop() {
+        if path.is_dir() {
+            // Build output and fetched data are not the repository's files.
+            let skip = ["target", "results", "corpus", "__pycache__"];
+            if path
+                .file_name()
+                .is_some_and(|n| skip.contains(&n.to_string_lossy().as_ref()))
+            {
+                continue;
+            }
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue; // binary
+        };
+        files += 1;
+        for (n, line) in text.lines().enumerate() {
+            if needles.iter().any(|needle| line.contains(needle.as_str())) {
+                offenders.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(files > 50, "only {files} files read");
+    assert!(offenders.is_empty(), "{offenders:#?}");
+}
