@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use forkserve_worker::model::ModelIdentity;
-use forkserve_worker::{logging, SentenceEncoder};
+use forkserve_worker::{logging, Embedder, SentenceEncoder};
 
 use crate::arbiter::{Arbiter, MasterParts};
 use crate::config::{Config, ConfigSource};
@@ -88,8 +88,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if cli.check_config {
-        // The model directory is part of the configuration: check its files too.
-        return match forkserve_worker::model::ModelFiles::locate(&config.model.path) {
+        // The model directory is part of the configuration: check what its files ask for
+        // (modules, pooling, Dense layers, prompts), without loading the weights.
+        return match forkserve_worker::model::ModelSpec::read(&config.model.path) {
             Ok(_) => {
                 println!("forkserve: configuration OK");
                 ExitCode::SUCCESS
@@ -179,10 +180,16 @@ fn start(
     let model_identity = ModelIdentity::of(&config.model.path);
     let model = SentenceEncoder::load_with(&config.model.path, config.backend())
         .map_err(|e| (EXIT_CONFIG, format!("model.path: {e}")))?;
+    let info = model.info();
     tracing::info!(
         path = %config.model.path.display(),
         load_ms = loading.elapsed().as_millis() as u64,
         backend = %config.model.backend,
+        architecture = %info.model_type,
+        pooling = %info.pooling.join("+"),
+        dimension = info.dimension,
+        max_tokens = info.max_tokens,
+        normalized = info.normalized,
         "model loaded in the master (shared with workers copy-on-write)"
     );
     arbiter::assert_single_threaded().map_err(|e| (EXIT_FAILURE, e))?;

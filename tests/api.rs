@@ -8,21 +8,6 @@ use base64::Engine;
 use serde_json::{json, Value};
 use support::*;
 
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
 fn reference_vectors() -> (Vec<String>, Vec<Vec<f64>>, Vec<usize>) {
     let r = reference();
     let sentences = serde_json::from_value(r["sentences"].clone()).unwrap();

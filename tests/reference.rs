@@ -35,7 +35,7 @@ fn tokens_and_embeddings_match_sentence_transformers() {
         assert_eq!(model.max_tokens(), 256);
         let tokens: Vec<Tokens> = sentences
             .iter()
-            .map(|s| model.tokenize(s).unwrap())
+            .map(|s| model.tokenize(s, None).unwrap())
             .collect();
         for (i, t) in tokens.iter().enumerate() {
             assert_eq!(

@@ -89,10 +89,48 @@ pub struct Server {
 
 /// Config for tests: an ephemeral port, the real model, short timeouts where a test needs them.
 pub fn config(extra: &str) -> String {
+    config_for(&model_dir(), extra)
+}
+
+/// The same on another model directory.
+pub fn config_for(model: &Path, extra: &str) -> String {
     format!(
         "bind = \"127.0.0.1:0\"\n{extra}\n[model]\npath = {:?}\n",
-        model_dir().display().to_string()
+        model.display().to_string()
     )
+}
+
+/// all-mpnet-base-v2, fetched by `make model` like the default model.
+pub fn mpnet_dir() -> PathBuf {
+    project_dir().join("models/all-mpnet-base-v2")
+}
+
+/// Cosine similarity, in f64.
+pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    dot / (norm(a) * norm(b))
+}
+
+pub fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// A JSON array of numbers.
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("an array of numbers")
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect()
+}
+
+/// A list of vectors (an array of arrays of numbers).
+pub fn vectors(v: &serde_json::Value) -> Vec<Vec<f64>> {
+    v.as_array()
+        .expect("an array of vectors")
+        .iter()
+        .map(floats)
+        .collect()
 }
 
 impl Server {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::embedder::{EmbedError, Embedder, Tokens};
+use crate::embedder::{EmbedError, Embedder, ModelInfo, Tokens};
 use crate::protocol::{monotonic_ms, SharedMetrics, WorkerSlot};
 
 type Job = Box<dyn FnOnce(&dyn Embedder) + Send>;
@@ -101,14 +101,11 @@ struct Progress<'a> {
 }
 
 impl Embedder for Progress<'_> {
-    fn dimension(&self) -> usize {
-        self.inner.dimension()
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
     }
-    fn max_tokens(&self) -> usize {
-        self.inner.max_tokens()
-    }
-    fn tokenize(&self, text: &str) -> Result<Tokens, EmbedError> {
-        self.inner.tokenize(text)
+    fn tokenize(&self, text: &str, prompt: Option<&str>) -> Result<Tokens, EmbedError> {
+        self.inner.tokenize(text, prompt)
     }
     fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let out = self.inner.embed_batch(batch);

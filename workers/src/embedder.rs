@@ -2,6 +2,7 @@
 //! never a candle type, so the model implementation can change (or be faked in a unit test whose
 //! subject is not the model) without touching them.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// A sentence turned into token ids, ready for the model.
@@ -11,6 +12,58 @@ pub struct Tokens {
     pub ids: Vec<u32>,
     /// How many tokens the sentence had before truncation (special tokens included).
     pub untruncated_len: usize,
+    /// Leading tokens that belong to the prompt, which a model with `include_prompt: false`
+    /// leaves out of its pooling (0 without a prompt).
+    pub prompt_len: usize,
+}
+
+/// The model as the API describes it: what `SentenceTransformer` would say of itself.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelInfo {
+    /// The encoder family (`bert`, `roberta`, `mpnet`) and its `model_type` as written.
+    pub architecture: String,
+    pub model_type: String,
+    /// Pooling modes, concatenated in this order.
+    pub pooling: Vec<&'static str>,
+    /// Dense modules after the pooling: "in -> out activation" each.
+    pub dense: Vec<String>,
+    /// Length of the vectors `encode` returns (after Dense modules).
+    pub dimension: usize,
+    /// Longest token sequence the model sees (longer input is truncated).
+    pub max_tokens: usize,
+    pub prompts: BTreeMap<String, String>,
+    pub default_prompt_name: Option<String>,
+    /// `similarity_fn_name`: cosine, dot, euclidean or manhattan.
+    pub similarity: String,
+    /// Whether `encode` ends with a Normalize module (unit-length vectors).
+    pub normalized: bool,
+    /// Token ids are below this.
+    pub vocab_size: usize,
+}
+
+impl ModelInfo {
+    /// The prompt text `encode(prompt_name=name)` prepends: the named prompt, or the model's
+    /// default prompt when no name is given. An unknown name is an error that lists the known
+    /// ones.
+    pub fn prompt(&self, name: Option<&str>) -> Result<Option<&str>, String> {
+        match name {
+            Some(name) => match self.prompts.get(name) {
+                Some(text) => Ok(Some(text)),
+                None if self.prompts.is_empty() => Err(format!(
+                    "unknown prompt {name:?}: this model defines no prompts"
+                )),
+                None => Err(format!(
+                    "unknown prompt {name:?}; this model has: {}",
+                    self.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
+                )),
+            },
+            None => Ok(self
+                .default_prompt_name
+                .as_deref()
+                .and_then(|n| self.prompts.get(n))
+                .map(String::as_str)),
+        }
+    }
 }
 
 impl Tokens {
@@ -46,23 +99,30 @@ impl fmt::Display for EmbedError {
 
 impl std::error::Error for EmbedError {}
 
-/// A sentence-embedding model: tokenize, then embed batches of tokenized sentences into
-/// L2-normalised vectors.
+/// A sentence-embedding model: tokenize, then embed batches of tokenized sentences.
 pub trait Embedder: Send + Sync {
-    /// Length of every embedding vector.
-    fn dimension(&self) -> usize;
-    /// Longest token sequence the model sees (longer input is truncated).
-    fn max_tokens(&self) -> usize;
-    /// Tokenize one sentence, truncating it to `max_tokens()`.
-    fn tokenize(&self, text: &str) -> Result<Tokens, EmbedError>;
-    /// Embed one batch, padded to its longest member. Returns one pooled (not yet normalised)
-    /// vector per input, in input order.
+    fn info(&self) -> &ModelInfo;
+    /// Tokenize one sentence with `prompt` in front of it (as `encode(prompt=...)` does),
+    /// truncating the whole to `max_tokens()`.
+    fn tokenize(&self, text: &str, prompt: Option<&str>) -> Result<Tokens, EmbedError>;
+    /// Embed one batch. Returns one vector per input, in input order: what `encode` returns,
+    /// except that a final Normalize module is left to the caller (`embed_all`), because
+    /// TEI's `normalize: false` asks for the vector before it.
     fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError>;
+
+    /// Length of every embedding vector.
+    fn dimension(&self) -> usize {
+        self.info().dimension
+    }
+    /// Longest token sequence the model sees (longer input is truncated).
+    fn max_tokens(&self) -> usize {
+        self.info().max_tokens
+    }
 }
 
 /// Scale to unit length, as sentence-transformers' Normalize module does (`F.normalize`, whose
 /// epsilon keeps an all-zero vector at zero).
-pub fn normalize(v: &mut [f32]) {
+pub fn unit_length(v: &mut [f32]) {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
     v.iter_mut().for_each(|x| *x /= norm);
 }
@@ -70,12 +130,12 @@ pub fn normalize(v: &mut [f32]) {
 /// Embed many tokenized sentences with as little padding as possible: sort by length, cut into
 /// batches whose padded size (`longest × count`) stays within `max_batch_tokens`, and put the
 /// results back in input order. One long sentence then no longer pads every short one to its
-/// length. `unit` normalises every vector.
+/// length. `normalize` scales every vector to unit length.
 pub fn embed_all(
     embedder: &dyn Embedder,
     tokens: &[Tokens],
     max_batch_tokens: usize,
-    unit: bool,
+    normalize: bool,
 ) -> Result<Vec<Vec<f32>>, EmbedError> {
     let mut order: Vec<usize> = (0..tokens.len()).collect();
     order.sort_by_key(|&i| tokens[i].len());
@@ -85,8 +145,8 @@ pub fn embed_all(
         let refs: Vec<&Tokens> = batch.iter().map(|&i| &tokens[i]).collect();
         let vectors = embedder.embed_batch(&refs)?;
         for (&i, mut v) in batch.iter().zip(vectors) {
-            if unit {
-                normalize(&mut v);
+            if normalize {
+                unit_length(&mut v);
             }
             out[i] = v;
         }
@@ -126,16 +186,26 @@ mod tests {
 
     /// Records batch shapes; embeds a sentence as [its length, first id]. The subject here is the
     /// batching, not the model.
-    struct Recorder(Mutex<Vec<Vec<usize>>>);
+    struct Recorder(Mutex<Vec<Vec<usize>>>, ModelInfo);
+
+    impl Recorder {
+        fn new() -> Recorder {
+            Recorder(
+                Mutex::new(Vec::new()),
+                ModelInfo {
+                    dimension: 2,
+                    max_tokens: 256,
+                    ..ModelInfo::default()
+                },
+            )
+        }
+    }
 
     impl Embedder for Recorder {
-        fn dimension(&self) -> usize {
-            2
+        fn info(&self) -> &ModelInfo {
+            &self.1
         }
-        fn max_tokens(&self) -> usize {
-            256
-        }
-        fn tokenize(&self, _: &str) -> Result<Tokens, EmbedError> {
+        fn tokenize(&self, _: &str, _: Option<&str>) -> Result<Tokens, EmbedError> {
             unreachable!("not used by embed_all")
         }
         fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {
@@ -156,13 +226,14 @@ mod tests {
             .map(|(i, &n)| Tokens {
                 ids: vec![i as u32; n],
                 untruncated_len: n,
+                prompt_len: 0,
             })
             .collect()
     }
 
     #[test]
     fn one_long_sentence_does_not_pad_the_short_ones() {
-        let rec = Recorder(Mutex::new(Vec::new()));
+        let rec = Recorder::new();
         let input = toks(&[5, 200, 6, 4, 5]);
         let out = embed_all(&rec, &input, 256, false).unwrap();
         let batches = rec.0.into_inner().unwrap();
@@ -176,7 +247,7 @@ mod tests {
 
     #[test]
     fn budget_bounds_padded_tokens() {
-        let rec = Recorder(Mutex::new(Vec::new()));
+        let rec = Recorder::new();
         let input = toks(&[10; 25]);
         embed_all(&rec, &input, 100, false).unwrap();
         let batches = rec.0.into_inner().unwrap();
@@ -191,7 +262,7 @@ mod tests {
 
     #[test]
     fn oversized_sentence_is_a_batch_of_one() {
-        let rec = Recorder(Mutex::new(Vec::new()));
+        let rec = Recorder::new();
         embed_all(&rec, &toks(&[300, 3]), 100, false).unwrap();
         assert_eq!(rec.0.into_inner().unwrap(), vec![vec![3], vec![300]]);
     }
@@ -199,16 +270,16 @@ mod tests {
     #[test]
     fn normalize_gives_unit_length_and_keeps_zero() {
         let mut v = vec![3.0, 4.0];
-        normalize(&mut v);
+        unit_length(&mut v);
         assert_eq!(v, vec![0.6, 0.8]);
         let mut z = vec![0.0; 3];
-        normalize(&mut z);
+        unit_length(&mut z);
         assert_eq!(z, vec![0.0; 3]);
     }
 
     #[test]
     fn empty_input_embeds_nothing() {
-        let rec = Recorder(Mutex::new(Vec::new()));
+        let rec = Recorder::new();
         assert!(embed_all(&rec, &[], 100, true).unwrap().is_empty());
         assert!(rec.0.into_inner().unwrap().is_empty());
     }

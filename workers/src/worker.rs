@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::compute::Compute;
 use crate::embedder::Embedder;
-use crate::http::app::{App, ModelInfo};
+use crate::http::app::App;
 use crate::http::server::{accept_loop, ConnectionSettings, Connections};
 use crate::lifecycle::Lifecycle;
 use crate::listener::BoundSocket;
@@ -182,11 +182,7 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
         return WORKER_BOOT_ERROR;
     }
 
-    let model = ModelInfo {
-        name: settings.model_name.clone(),
-        dimension: embedder.dimension(),
-        max_tokens: embedder.max_tokens(),
-    };
+    let model = embedder.info().clone();
     // Booting can take a while (and, in tests, be made to hang): a stop signal during it must
     // still be obeyed at once.
     let compute = tokio::select! {
@@ -287,7 +283,7 @@ async fn warm_up(compute: &Compute) -> Result<(), String> {
     compute
         .run(|embedder| {
             let tokens = embedder
-                .tokenize("forkserve warm-up")
+                .tokenize("forkserve warm-up", None)
                 .map_err(|e| e.to_string())?;
             embedder
                 .embed_batch(&[&tokens])

@@ -24,7 +24,7 @@ use super::types::{
 use super::{metrics, openapi, pages};
 use crate::cluster::{agglomerative, community_detection};
 use crate::compute::{Compute, ComputeError};
-use crate::embedder::{embed_all, EmbedError, Embedder, Tokens};
+use crate::embedder::{embed_all, EmbedError, Embedder, ModelInfo, Tokens};
 use crate::lifecycle::Lifecycle;
 use crate::protocol::{Board, ROUTES};
 use crate::settings::WorkerSettings;
@@ -80,14 +80,6 @@ fn route(method: &Method, path: &str) -> (usize, Result<Handler, ApiError>) {
     (index, result)
 }
 
-/// The model as the API describes it.
-#[derive(Clone, Debug)]
-pub struct ModelInfo {
-    pub name: String,
-    pub dimension: usize,
-    pub max_tokens: usize,
-}
-
 pub struct App {
     compute: Compute,
     settings: Arc<WorkerSettings>,
@@ -119,7 +111,8 @@ impl App {
         let openapi = openapi::document(&openapi::SpecLimits {
             max_sentences: settings.max_sentences,
             dimension: model.dimension,
-            model: model.name.clone(),
+            model: settings.model_name.clone(),
+            prompts: model.prompts.keys().cloned().collect(),
         })
         .to_string()
         .into();
@@ -301,12 +294,20 @@ impl App {
     }
 
     fn info(&self) -> InfoResponse {
+        let model = &self.model;
         InfoResponse {
-            model_id: self.model.name.clone(),
+            model_id: self.settings.model_name.clone(),
             model_dtype: "float32",
-            dimension: self.model.dimension,
-            max_input_length: self.model.max_tokens,
-            pooling: "mean",
+            architecture: model.architecture.clone(),
+            model_type: model.model_type.clone(),
+            pooling: model.pooling.join("+"),
+            dense: model.dense.clone(),
+            normalized: model.normalized,
+            dimension: model.dimension,
+            max_input_length: model.max_tokens,
+            prompts: model.prompts.clone(),
+            default_prompt_name: model.default_prompt_name.clone(),
+            similarity_fn_name: model.similarity.clone(),
             max_sentences: self.settings.max_sentences,
             max_body_bytes: self.settings.max_body_bytes,
             max_batch_tokens: self.settings.max_batch_tokens,
@@ -321,32 +322,50 @@ impl App {
     async fn cluster(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
         let body = read_json(req, self.settings.max_body_bytes).await?;
         let request = parse_cluster_request(body, self.limits(), &self.settings.cluster)?;
-        let budget = self.settings.max_batch_tokens;
+        // Cosine similarity, as community_detection computes it: unit vectors.
+        let options = self.encode_options(request.prompt_name.as_deref(), true, true)?;
         let response = self
             .compute
-            .run(move |embedder| cluster_sentences(embedder, request, budget))
+            .run(move |embedder| cluster_sentences(embedder, request, options))
             .await
             .map_err(compute_error)??;
         Ok(json_response(StatusCode::OK, &response))
+    }
+
+    /// How to encode for a request: the prompt it names (or the model's default prompt),
+    /// truncation, normalisation and the batch budget.
+    fn encode_options(
+        &self,
+        prompt_name: Option<&str>,
+        truncate: bool,
+        normalize: bool,
+    ) -> Result<EncodeOptions, ApiError> {
+        let prompt = self
+            .model
+            .prompt(prompt_name)
+            .map_err(|e| ApiError::validation("prompt_name", e))?;
+        Ok(EncodeOptions {
+            prompt: prompt.map(str::to_string),
+            truncate,
+            normalize,
+            max_batch_tokens: self.settings.max_batch_tokens,
+        })
     }
 
     /// TEI's `POST /embed`: a list of vectors.
     async fn embed(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
         let body = read_json(req, self.settings.max_body_bytes).await?;
         let request = parse_embed_request(body, self.limits())?;
-        let budget = self.settings.max_batch_tokens;
+        // TEI's meaning: `normalize` (default true) scales to unit length; false gives the
+        // vector before any normalisation, the model's own Normalize module included.
+        let options = self.encode_options(
+            request.prompt_name.as_deref(),
+            request.truncate,
+            request.normalize,
+        )?;
         let (vectors, _) = self
             .compute
-            .run(move |embedder| {
-                encode(
-                    embedder,
-                    &request.inputs,
-                    "inputs",
-                    request.truncate,
-                    request.normalize,
-                    budget,
-                )
-            })
+            .run(move |embedder| encode(embedder, &request.inputs, "inputs", &options))
             .await
             .map_err(compute_error)??;
         Ok(json_response(StatusCode::OK, &vectors))
@@ -360,15 +379,17 @@ impl App {
             if !self.serves(asked) {
                 return Err(ApiError::ModelNotFound(format!(
                     "model {asked:?} is not served here; this server serves {:?}",
-                    self.model.name
+                    self.settings.model_name
                 )));
             }
         }
-        let budget = self.settings.max_batch_tokens;
+        // Exactly what `encode` returns: unit length only if the model ends with Normalize.
+        let options =
+            self.encode_options(request.prompt_name.as_deref(), true, self.model.normalized)?;
         let input = request.input;
         let (vectors, tokens) = self
             .compute
-            .run(move |embedder| encode(embedder, &input, "input", true, true, budget))
+            .run(move |embedder| encode(embedder, &input, "input", &options))
             .await
             .map_err(compute_error)??;
         let data = vectors
@@ -388,7 +409,7 @@ impl App {
             &OpenAiResponse {
                 object: "list",
                 data,
-                model: self.model.name.clone(),
+                model: self.settings.model_name.clone(),
                 usage: OpenAiUsage {
                     prompt_tokens: tokens,
                     total_tokens: tokens,
@@ -401,8 +422,19 @@ impl App {
     /// ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2").
     fn serves(&self, asked: &str) -> bool {
         let short = |n: &str| n.rsplit('/').next().unwrap_or(n).to_ascii_lowercase();
-        short(asked) == short(&self.model.name)
+        short(asked) == short(&self.settings.model_name)
     }
+}
+
+/// How `encode` runs for one request.
+struct EncodeOptions {
+    /// Text prepended to every sentence (the resolved prompt).
+    prompt: Option<String>,
+    /// false: an input longer than the model's maximum is a 422 instead of being cut.
+    truncate: bool,
+    /// Scale every vector to unit length.
+    normalize: bool,
+    max_batch_tokens: usize,
 }
 
 /// Tokenize (refusing over-long input unless `truncate`), embed, optionally normalise; runs on
@@ -411,12 +443,10 @@ fn encode(
     embedder: &dyn Embedder,
     texts: &[String],
     field: &str,
-    truncate: bool,
-    unit: bool,
-    max_batch_tokens: usize,
+    options: &EncodeOptions,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
-    let tokens = tokenize_all(embedder, texts, field)?;
-    if !truncate {
+    let tokens = tokenize_all(embedder, texts, field, options.prompt.as_deref())?;
+    if !options.truncate {
         if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| t.was_truncated()) {
             return Err(ApiError::validation(
                 format!("{field}[{i}]"),
@@ -429,7 +459,13 @@ fn encode(
         }
     }
     let seen = tokens.iter().map(Tokens::len).sum();
-    let vectors = embed_all(embedder, &tokens, max_batch_tokens, unit).map_err(embed_error)?;
+    let vectors = embed_all(
+        embedder,
+        &tokens,
+        options.max_batch_tokens,
+        options.normalize,
+    )
+    .map_err(embed_error)?;
     Ok((vectors, seen))
 }
 
@@ -437,13 +473,14 @@ fn tokenize_all(
     embedder: &dyn Embedder,
     texts: &[String],
     field: &str,
+    prompt: Option<&str>,
 ) -> Result<Vec<Tokens>, ApiError> {
     texts
         .iter()
         .enumerate()
         .map(|(i, s)| {
             embedder
-                .tokenize(s)
+                .tokenize(s, prompt)
                 .map_err(|e| ApiError::validation(format!("{field}[{i}]"), e.to_string()))
         })
         .collect()
@@ -453,16 +490,9 @@ fn tokenize_all(
 fn cluster_sentences(
     embedder: &dyn Embedder,
     request: ClusterRequest,
-    max_batch_tokens: usize,
+    options: EncodeOptions,
 ) -> Result<ClusterResponse, ApiError> {
-    let (vectors, _) = encode(
-        embedder,
-        &request.sentences,
-        "sentences",
-        true,
-        true,
-        max_batch_tokens,
-    )?;
+    let (vectors, _) = encode(embedder, &request.sentences, "sentences", &options)?;
     let clustering = match request.algorithm {
         "agglomerative" => agglomerative(&vectors, request.threshold, request.min_cluster_size),
         _ => community_detection(&vectors, request.threshold, request.min_cluster_size),

@@ -10,6 +10,8 @@ pub struct SpecLimits {
     pub max_sentences: usize,
     pub dimension: usize,
     pub model: String,
+    /// The model's prompt names (`prompt_name`).
+    pub prompts: Vec<String>,
 }
 
 /// An enum that also admits null (OpenAPI 3.0: `nullable` does not extend `enum`).
@@ -51,6 +53,8 @@ pub fn document(limits: &SpecLimits) -> Value {
     let strings = json!({"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": limits.max_sentences});
     let one_or_many = json!({"oneOf": [{"type": "string"}, strings]});
     let vector = json!({"type": "array", "items": {"type": "number"}, "minItems": limits.dimension, "maxItems": limits.dimension});
+    let prompt_names: Vec<&str> = limits.prompts.iter().map(String::as_str).collect();
+    let prompt_name = json!({"type": "string", "nullable": true, "enum": nullable_enum(&prompt_names), "description": "One of the model's prompts (GET /info), put in front of every sentence; null or absent: the model's default prompt, if it has one"});
 
     json!({
         "openapi": "3.0.3",
@@ -95,7 +99,8 @@ pub fn document(limits: &SpecLimits) -> Value {
                 "sentences": strings,
                 "threshold": {"type": "number", "nullable": true, "exclusiveMinimum": true, "minimum": 0, "maximum": 1, "description": "Cosine similarity at or above which sentences belong together (default 0.5)"},
                 "min_cluster_size": {"type": "integer", "nullable": true, "minimum": 1, "description": "Smaller groups are reported as unclustered (default 1)"},
-                "algorithm": {"type": "string", "nullable": true, "enum": nullable_enum(ALGORITHMS)}
+                "algorithm": {"type": "string", "nullable": true, "enum": nullable_enum(ALGORITHMS)},
+                "prompt_name": prompt_name
             }},
             "ClusterResponse": {"type": "object", "required": ["clusters", "indices", "unclustered", "unclustered_indices", "algorithm", "threshold", "min_cluster_size"], "properties": {
                 "clusters": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
@@ -111,14 +116,15 @@ pub fn document(limits: &SpecLimits) -> Value {
                 "normalize": {"type": "boolean", "nullable": true, "default": true},
                 "truncate": {"type": "boolean", "nullable": true, "default": true, "description": "false: input longer than the model's maximum is a 422 with its token count"},
                 "truncation_direction": {"type": "string", "enum": ["right", "Right", null], "nullable": true},
-                "prompt_name": {"type": "string", "nullable": true, "enum": [null]}
+                "prompt_name": prompt_name
             }},
             "OpenAiRequest": {"type": "object", "additionalProperties": false, "required": ["input"], "properties": {
                 "input": one_or_many,
                 "model": {"type": "string", "nullable": true, "enum": [limits.model.clone(), null]},
                 "encoding_format": {"type": "string", "nullable": true, "enum": ["float", "base64", null]},
                 "dimensions": {"type": "integer", "nullable": true, "enum": [limits.dimension, null]},
-                "user": {"type": "string", "nullable": true}
+                "user": {"type": "string", "nullable": true},
+                "prompt_name": prompt_name
             }},
             "OpenAiResponse": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
                 "object": {"type": "string", "enum": ["list"]},
@@ -135,8 +141,14 @@ pub fn document(limits: &SpecLimits) -> Value {
             }},
             "Info": {"type": "object", "required": ["model_id", "dimension", "max_input_length", "version"], "properties": {
                 "model_id": {"type": "string"}, "model_dtype": {"type": "string"},
+                "architecture": {"type": "string"}, "model_type": {"type": "string"},
                 "dimension": {"type": "integer"}, "max_input_length": {"type": "integer"},
-                "pooling": {"type": "string"}, "max_sentences": {"type": "integer"},
+                "pooling": {"type": "string"}, "dense": {"type": "array", "items": {"type": "string"}},
+                "normalized": {"type": "boolean"},
+                "prompts": {"type": "object", "additionalProperties": {"type": "string"}},
+                "default_prompt_name": {"type": "string", "nullable": true},
+                "similarity_fn_name": {"type": "string"},
+                "max_sentences": {"type": "integer"},
                 "max_body_bytes": {"type": "integer"}, "max_batch_tokens": {"type": "integer"},
                 "cluster_algorithms": {"type": "array", "items": {"type": "string"}},
                 "default_threshold": {"type": "number"}, "default_min_cluster_size": {"type": "integer"},

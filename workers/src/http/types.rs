@@ -17,6 +17,8 @@ pub struct ClusterRequest {
     pub threshold: f32,
     pub min_cluster_size: usize,
     pub algorithm: &'static str,
+    /// One of the model's prompts; None applies its default prompt, as `encode` does.
+    pub prompt_name: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +46,7 @@ pub struct EmbedRequest {
     pub inputs: Vec<String>,
     pub normalize: bool,
     pub truncate: bool,
+    pub prompt_name: Option<String>,
 }
 
 /// `POST /v1/embeddings`, OpenAI's shape.
@@ -52,6 +55,8 @@ pub struct OpenAiRequest {
     pub input: Vec<String>,
     pub model: Option<String>,
     pub base64: bool,
+    /// Not OpenAI's: a prompt of the model, as TEI's `prompt_name`.
+    pub prompt_name: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -87,9 +92,20 @@ pub struct OpenAiUsage {
 pub struct InfoResponse {
     pub model_id: String,
     pub model_dtype: &'static str,
+    /// The encoder family (bert, roberta, mpnet) and its `model_type`.
+    pub architecture: String,
+    pub model_type: String,
+    /// Pooling modes joined by "+", in the order they are concatenated.
+    pub pooling: String,
+    /// Dense modules after the pooling, "in -> out activation".
+    pub dense: Vec<String>,
+    /// Whether the vectors `/v1/embeddings` returns are unit length (a Normalize module).
+    pub normalized: bool,
     pub dimension: usize,
     pub max_input_length: usize,
-    pub pooling: &'static str,
+    pub prompts: std::collections::BTreeMap<String, String>,
+    pub default_prompt_name: Option<String>,
+    pub similarity_fn_name: String,
     pub max_sentences: usize,
     pub max_body_bytes: usize,
     pub max_batch_tokens: usize,
@@ -115,7 +131,13 @@ pub fn parse_cluster_request(
     let obj = as_object(body)?;
     reject_unknown(
         &obj,
-        &["sentences", "threshold", "min_cluster_size", "algorithm"],
+        &[
+            "sentences",
+            "threshold",
+            "min_cluster_size",
+            "algorithm",
+            "prompt_name",
+        ],
     )?;
 
     let sentences = string_list(&obj, "sentences", limits.max_sentences)?;
@@ -167,6 +189,7 @@ pub fn parse_cluster_request(
         threshold,
         min_cluster_size,
         algorithm,
+        prompt_name: optional_string(&obj, "prompt_name")?,
     })
 }
 
@@ -195,16 +218,11 @@ pub fn parse_embed_request(body: Value, limits: RequestLimits) -> Result<EmbedRe
             ))
         }
     }
-    if !matches!(obj.get("prompt_name"), None | Some(Value::Null)) {
-        return Err(ApiError::validation(
-            "prompt_name",
-            "this model defines no prompts",
-        ));
-    }
     Ok(EmbedRequest {
         inputs,
         normalize,
         truncate,
+        prompt_name: optional_string(&obj, "prompt_name")?,
     })
 }
 
@@ -212,7 +230,14 @@ pub fn parse_openai_request(body: Value, limits: RequestLimits) -> Result<OpenAi
     let obj = as_object(body)?;
     reject_unknown(
         &obj,
-        &["input", "model", "encoding_format", "dimensions", "user"],
+        &[
+            "input",
+            "model",
+            "encoding_format",
+            "dimensions",
+            "user",
+            "prompt_name",
+        ],
     )?;
     if let Some(Value::Array(items)) = obj.get("input") {
         if items.iter().any(|v| v.is_number() || v.is_array()) {
@@ -257,7 +282,16 @@ pub fn parse_openai_request(body: Value, limits: RequestLimits) -> Result<OpenAi
         input,
         model,
         base64,
+        prompt_name: optional_string(&obj, "prompt_name")?,
     })
+}
+
+fn optional_string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(wrong_type(field, "a string", v)),
+    }
 }
 
 fn optional_bool(obj: &Map<String, Value>, field: &str, default: bool) -> Result<bool, ApiError> {

@@ -1,5 +1,6 @@
-//! A BERT encoder forward pass written for serving sentence embeddings on a CPU, in place of
-//! candle-transformers' general `BertModel` (kept as the reference in the tests).
+//! A transformer encoder forward pass written for serving sentence embeddings on a CPU, in
+//! place of candle-transformers' general models (kept as references in the tests). It runs the
+//! three encoder families of `architecture.rs`: BERT, RoBERTa / XLM-RoBERTa and MPNet.
 //!
 //! What it does differently, and why it is faster:
 //! - **No padding at all.** The sentences of a batch are packed one after another into a
@@ -10,15 +11,17 @@
 //!   into one buffer whose column blocks the attention reads in place: no reshape, no
 //!   `.contiguous()` copy, no transposed copies (strides do it).
 //! - **Fused element-wise work**: bias is the product's starting value, the residual is added
-//!   in the layer norm pass, GELU (erf) runs in place.
-//! - Buffers are allocated once per batch and reused by all six layers.
+//!   in the layer norm pass, the activation runs in place. MPNet's relative position bias is a
+//!   table per head indexed by distance, so adding it to a row of scores is one slice add.
+//! - Buffers are allocated once per batch and reused by every layer.
 //!
 //! The weights are copied out of the safetensors map into plain `Vec<f32>` in the master before
-//! fork, so every worker shares them copy-on-write, as before.
+//! fork, so every worker shares them copy-on-write.
 
-use candle_transformers::models::bert::Config as BertConfig;
-
-use super::kernels::{gelu_erf, layer_norm, matmul, softmax, Linear, MatRef};
+use super::architecture::{mpnet_bucket, EncoderConfig, Family, HiddenAct, MPNET_BUCKETS};
+use super::kernels::{
+    gelu_erf, gelu_tanh, layer_norm, matmul, relu, silu, softmax, Linear, MatRef,
+};
 use super::weights::RawWeights;
 use rayon::prelude::*;
 
@@ -51,63 +54,96 @@ struct Layer {
     output_norm: LayerNorm,
 }
 
-pub struct FastBert {
+/// Tensor names of one layer, relative to `encoder.layer.{i}.`.
+struct LayerNames {
+    q: &'static str,
+    k: &'static str,
+    v: &'static str,
+    attention_out: &'static str,
+    attention_norm: &'static str,
+}
+
+impl LayerNames {
+    fn of(family: Family) -> LayerNames {
+        match family {
+            Family::Bert | Family::Roberta => LayerNames {
+                q: "attention.self.query",
+                k: "attention.self.key",
+                v: "attention.self.value",
+                attention_out: "attention.output.dense",
+                attention_norm: "attention.output.LayerNorm",
+            },
+            Family::MPNet => LayerNames {
+                q: "attention.attn.q",
+                k: "attention.attn.k",
+                v: "attention.attn.v",
+                attention_out: "attention.attn.o",
+                attention_norm: "attention.LayerNorm",
+            },
+        }
+    }
+}
+
+/// MPNet's relative position bias, per head, by distance: `by_head[h][j - i + span]` is what
+/// head `h` adds to the score of query `i` for key `j`.
+struct RelativeBias {
+    span: usize,
+    by_head: Vec<Vec<f32>>,
+}
+
+pub struct FastEncoder {
     word: Vec<f32>,
     position: Vec<f32>,
-    token_type: Vec<f32>,
+    /// Row 0 of the token type table (every token is of type 0); None for MPNet.
+    token_type: Option<Vec<f32>>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
+    relative_bias: Option<RelativeBias>,
     hidden: usize,
     heads: usize,
     eps: f32,
     vocab: usize,
     max_positions: usize,
+    position_offset: usize,
+    padding_idx: Option<u32>,
+    act: HiddenAct,
 }
 
-impl FastBert {
-    pub fn new(config: &BertConfig, mut weights: RawWeights) -> Result<FastBert, String> {
-        let hidden = config.hidden_size;
-        let heads = config.num_attention_heads;
-        if heads == 0 || hidden % heads != 0 {
-            return Err(format!(
-                "hidden size {hidden} is not a multiple of {heads} heads"
-            ));
-        }
-        // Checkpoints name the tensors with or without a "bert." prefix.
-        let prefix = if weights.contains_key("bert.embeddings.word_embeddings.weight") {
-            "bert."
-        } else {
-            ""
-        };
-        let mut take = |name: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
-            let full = format!("{prefix}{name}");
-            let (got, values) = weights
-                .remove(&full)
-                .ok_or_else(|| format!("tensor {full} missing"))?;
-            if got != shape {
-                return Err(format!("tensor {full}: shape {got:?}, expected {shape:?}"));
-            }
-            Ok(values)
-        };
-        let inter = config.intermediate_size;
-        let word = take(
-            "embeddings.word_embeddings.weight",
-            &[config.vocab_size, hidden],
-        )?;
+impl FastEncoder {
+    pub fn new(config: &EncoderConfig, mut weights: RawWeights) -> Result<FastEncoder, String> {
+        let hidden = config.hidden;
+        let heads = config.heads;
+        // Checkpoints name the tensors with or without the model's prefix ("bert.",
+        // "roberta.", "mpnet."): a masked-LM checkpoint keeps its base model under it.
+        let prefix = ["", "bert.", "roberta.", "mpnet.", "model."]
+            .into_iter()
+            .find(|p| weights.contains(&format!("{p}embeddings.word_embeddings.weight")))
+            .ok_or("tensor embeddings.word_embeddings.weight missing")?;
+        let mut take =
+            |name: &str, shape: &[usize]| weights.take(&format!("{prefix}{name}"), shape);
+        let inter = config.intermediate;
+        let word = take("embeddings.word_embeddings.weight", &[config.vocab, hidden])?;
         let position = take(
             "embeddings.position_embeddings.weight",
-            &[config.max_position_embeddings, hidden],
+            &[config.max_positions, hidden],
         )?;
-        let token_type = take(
-            "embeddings.token_type_embeddings.weight",
-            &[config.type_vocab_size, hidden],
-        )?;
+        let token_type = match config.family {
+            Family::MPNet => None,
+            _ => {
+                let table = take(
+                    "embeddings.token_type_embeddings.weight",
+                    &[config.type_vocab, hidden],
+                )?;
+                Some(table[..hidden].to_vec())
+            }
+        };
         let embedding_norm = LayerNorm {
             weight: take("embeddings.LayerNorm.weight", &[hidden])?,
             bias: take("embeddings.LayerNorm.bias", &[hidden])?,
         };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
+        let names = LayerNames::of(config.family);
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
             let p = format!("encoder.layer.{i}.");
             let mut linear =
                 |name: &str, inputs: usize, outputs: usize| -> Result<Linear, String> {
@@ -115,81 +151,117 @@ impl FastBert {
                     let b = take(&format!("{p}{name}.bias"), &[outputs])?;
                     Ok(Linear::from_torch(&w, b, inputs, outputs))
                 };
-            let q = linear("attention.self.query", hidden, hidden)?;
-            let k = linear("attention.self.key", hidden, hidden)?;
-            let v = linear("attention.self.value", hidden, hidden)?;
-            let attention_out = linear("attention.output.dense", hidden, hidden)?;
+            let q = linear(names.q, hidden, hidden)?;
+            let k = linear(names.k, hidden, hidden)?;
+            let v = linear(names.v, hidden, hidden)?;
+            let attention_out = linear(names.attention_out, hidden, hidden)?;
             let intermediate = linear("intermediate.dense", hidden, inter)?;
             let output = linear("output.dense", inter, hidden)?;
             let mut norm = |name: &str| -> Result<LayerNorm, String> {
                 Ok(LayerNorm {
-                    weight: take(&format!("{p}{name}.LayerNorm.weight"), &[hidden])?,
-                    bias: take(&format!("{p}{name}.LayerNorm.bias"), &[hidden])?,
+                    weight: take(&format!("{p}{name}.weight"), &[hidden])?,
+                    bias: take(&format!("{p}{name}.bias"), &[hidden])?,
                 })
             };
             layers.push(Layer {
                 qkv: Linear::concat(&[q, k, v]),
                 attention_out,
-                attention_norm: norm("attention.output")?,
+                attention_norm: norm(names.attention_norm)?,
                 intermediate,
                 output,
-                output_norm: norm("output")?,
+                output_norm: norm("output.LayerNorm")?,
             });
         }
-        Ok(FastBert {
+        let relative_bias = match config.family {
+            Family::MPNet => {
+                let table = take(
+                    "encoder.relative_attention_bias.weight",
+                    &[config.relative_buckets, heads],
+                )?;
+                let span = config.max_tokens().max(1) - 1;
+                let by_head = (0..heads)
+                    .map(|h| {
+                        (0..=2 * span)
+                            .map(|k| {
+                                let bucket = mpnet_bucket(k as i64 - span as i64);
+                                debug_assert!(bucket < MPNET_BUCKETS);
+                                table[bucket * heads + h]
+                            })
+                            .collect()
+                    })
+                    .collect();
+                Some(RelativeBias { span, by_head })
+            }
+            _ => None,
+        };
+        Ok(FastEncoder {
             word,
             position,
             token_type,
             embedding_norm,
             layers,
+            relative_bias,
             hidden,
             heads,
             eps: config.layer_norm_eps as f32,
-            vocab: config.vocab_size,
-            max_positions: config.max_position_embeddings,
+            vocab: config.vocab,
+            max_positions: config.max_positions,
+            position_offset: config.position_offset,
+            padding_idx: config.padding_idx,
+            act: config.act,
         })
     }
 
-    /// Mean-pooled last hidden states, one vector per sentence (not normalised).
+    /// The last hidden states of every token, packed: `[Σ tokens, hidden]`, sentence after
+    /// sentence in input order.
     ///
     /// With several threads, the sentences are split into that many groups of about equal
     /// token counts, each run through the whole network on its own thread: every product stays
     /// large enough to be efficient and the threads share nothing but the weights. (gemm's own
     /// parallelism scales poorly on the few dozen rows a request has.) A single sentence uses
     /// gemm's parallelism instead.
-    pub fn embed(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<Vec<f32>>, String> {
+    pub fn hidden_states(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<f32>, String> {
         if threads <= 1 || sentences.len() <= 1 {
-            return self.embed_group(sentences, threads);
+            return self.run_group(sentences, threads);
         }
         let groups = split_by_tokens(sentences, threads);
-        let results: Vec<Result<Vec<Vec<f32>>, String>> = groups
+        let results: Vec<Result<Vec<f32>, String>> = groups
             .into_par_iter()
-            .map(|group| self.embed_group(group, 1))
+            .map(|group| self.run_group(group, 1))
             .collect();
-        let mut out = Vec::with_capacity(sentences.len());
+        let mut out =
+            Vec::with_capacity(sentences.iter().map(|s| s.len()).sum::<usize>() * self.hidden);
         for r in results {
             out.extend(r?);
         }
         Ok(out)
     }
 
-    fn embed_group(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<Vec<f32>>, String> {
+    /// Word + position (+ token type) embeddings of every token, layer-normed.
+    fn embed_tokens(&self, sentences: &[&[u32]], x: &mut [f32]) -> Result<(), String> {
         let h = self.hidden;
-        let total: usize = sentences.iter().map(|s| s.len()).sum();
-        if total == 0 {
-            return Ok(vec![vec![0.0; h]; sentences.len()]);
-        }
-        let mut x = vec![0f32; total * h];
         let mut row = 0;
         for ids in sentences {
-            if ids.len() > self.max_positions {
-                return Err(format!(
-                    "{} tokens, more than {} positions",
-                    ids.len(),
-                    self.max_positions
-                ));
-            }
-            for (pos, &id) in ids.iter().enumerate() {
+            let mut counted = 0;
+            for (i, &id) in ids.iter().enumerate() {
+                // RoBERTa and MPNet count positions from the padding index and give a padding
+                // token found in the text the padding position (transformers'
+                // create_position_ids_from_input_ids); BERT counts from 0.
+                let pos = match self.padding_idx {
+                    None => i,
+                    Some(pad) if id == pad => pad as usize,
+                    Some(_) => {
+                        counted += 1;
+                        self.position_offset - 1 + counted
+                    }
+                };
+                if pos >= self.max_positions {
+                    return Err(format!(
+                        "{} tokens, more than the model's {} positions",
+                        ids.len(),
+                        self.max_positions - self.position_offset
+                    ));
+                }
                 let id = id as usize;
                 if id >= self.vocab {
                     return Err(format!("token id {id} outside the vocabulary"));
@@ -197,14 +269,33 @@ impl FastBert {
                 let out = &mut x[row * h..(row + 1) * h];
                 let w = &self.word[id * h..(id + 1) * h];
                 let p = &self.position[pos * h..(pos + 1) * h];
-                let t = &self.token_type[..h];
-                for c in 0..h {
-                    out[c] = w[c] + p[c] + t[c];
+                match &self.token_type {
+                    Some(t) => {
+                        for c in 0..h {
+                            out[c] = w[c] + p[c] + t[c];
+                        }
+                    }
+                    None => {
+                        for c in 0..h {
+                            out[c] = w[c] + p[c];
+                        }
+                    }
                 }
                 row += 1;
             }
         }
-        self.embedding_norm.rows(&mut x, None, h, self.eps);
+        self.embedding_norm.rows(x, None, h, self.eps);
+        Ok(())
+    }
+
+    fn run_group(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<f32>, String> {
+        let h = self.hidden;
+        let total: usize = sentences.iter().map(|s| s.len()).sum();
+        let mut x = vec![0f32; total * h];
+        if total == 0 {
+            return Ok(x);
+        }
+        self.embed_tokens(sentences, &mut x)?;
 
         let inter = self.layers.first().map_or(0, |l| l.intermediate.outputs);
         let mut qkv = vec![0f32; total * 3 * h];
@@ -227,7 +318,13 @@ impl FastBert {
             layer
                 .intermediate
                 .forward(&x, total, &mut intermediate, threads);
-            gelu_erf(&mut intermediate[..total * inter]);
+            let activations = &mut intermediate[..total * inter];
+            match self.act {
+                HiddenAct::Gelu => gelu_erf(activations),
+                HiddenAct::GeluTanh => gelu_tanh(activations),
+                HiddenAct::Relu => relu(activations),
+                HiddenAct::Silu => silu(activations),
+            }
             layer
                 .output
                 .forward(&intermediate, total, &mut projected, threads);
@@ -236,23 +333,8 @@ impl FastBert {
                 .rows(&mut projected[..rows], Some(&x[..rows]), h, self.eps);
             std::mem::swap(&mut x, &mut projected);
         }
-
-        let mut pooled = Vec::with_capacity(sentences.len());
-        let mut start = 0;
-        for ids in sentences {
-            let n = ids.len();
-            let mut mean = vec![0f32; h];
-            for r in start..start + n {
-                for (m, v) in mean.iter_mut().zip(&x[r * h..(r + 1) * h]) {
-                    *m += v;
-                }
-            }
-            let scale = 1.0 / n.max(1) as f32;
-            mean.iter_mut().for_each(|m| *m *= scale);
-            pooled.push(mean);
-            start += n;
-        }
-        Ok(pooled)
+        x.truncate(total * h);
+        Ok(x)
     }
 
     /// Self-attention for every sentence and head, reading Q, K and V in place from the
@@ -279,7 +361,15 @@ impl FastBert {
                 let s = &mut scores[..n * n];
                 matmul(s, n, 1, false, q, kt, scale, 1);
                 for r in 0..n {
-                    softmax(&mut s[r * n..(r + 1) * n]);
+                    let row = &mut s[r * n..(r + 1) * n];
+                    if let Some(bias) = &self.relative_bias {
+                        // Keys j = 0..n sit at distances j - r: a contiguous run of the table.
+                        let from = bias.span - r;
+                        row.iter_mut()
+                            .zip(&bias.by_head[head][from..from + n])
+                            .for_each(|(s, b)| *s += b);
+                    }
+                    softmax(row);
                 }
                 let p = MatRef::new(&s[..], n, n, n, 1);
                 let v = MatRef::new(&qkv[start * stride + 2 * h + head * d..], n, d, stride, 1);

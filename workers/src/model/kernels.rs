@@ -41,6 +41,29 @@ pub fn gelu_erf(x: &mut [f32]) {
         .for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2)));
 }
 
+/// GELU's tanh approximation (`gelu_new`, `gelu_pytorch_tanh`):
+/// `x/2 · (1 + tanh(√(2/π) · (x + 0.044715·x³)))`, with `tanh(u) = 1 − 2/(e^{2u} + 1)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn gelu_tanh(x: &mut [f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    x.iter_mut().for_each(|v| {
+        let u = SQRT_2_OVER_PI * (*v + 0.044_715 * *v * *v * *v);
+        let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+        *v = 0.5 * *v * (1.0 + tanh);
+    });
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn relu(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = v.max(0.0));
+}
+
+/// SiLU (swish): `x · sigmoid(x)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub fn silu(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v));
+}
+
 /// `e^x` for f32, branch-free so that loops over it vectorise. Relative error below 2e-7 from
 /// -87.33 to 88 (tested against `f32::exp`); below -87.33 (f32's smallest normal) it returns
 /// e^-87.33 ≈ 1.2e-38, and above 88 it returns e^88 ≈ 1.7e38 instead of growing to infinity.
@@ -358,6 +381,30 @@ mod tests {
         let mut out = [0.0; 4];
         wide.forward(&[1.0, 1.0], 1, &mut out, 1);
         assert_eq!(out, [3.5, 7.0, 10.5, 1.0]);
+    }
+
+    #[test]
+    fn other_activations_match_their_definitions() {
+        let xs: Vec<f32> = (-80..=80).map(|i| i as f32 / 10.0).collect();
+        let mut tanh = xs.clone();
+        gelu_tanh(&mut tanh);
+        let mut swish = xs.clone();
+        silu(&mut swish);
+        let mut r = xs.clone();
+        relu(&mut r);
+        for (i, &x) in xs.iter().enumerate() {
+            let want = 0.5
+                * x
+                * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+            assert!(
+                (tanh[i] - want).abs() < 2e-6,
+                "gelu_tanh({x}) = {} vs {want}",
+                tanh[i]
+            );
+            let want = x / (1.0 + (-x).exp());
+            assert!((swish[i] - want).abs() < 2e-6, "silu({x})");
+            assert_eq!(r[i], x.max(0.0));
+        }
     }
 
     #[test]

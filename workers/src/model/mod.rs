@@ -1,30 +1,43 @@
-//! all-MiniLM-L6-v2 (or any BERT sentence-transformers model laid out the same way): files on
-//! disk, tokenizer, weights, forward pass, mean pooling and normalisation.
+//! A sentence-transformers model directory, served as `SentenceTransformer.encode` serves it:
+//! tokenizer, transformer encoder, pooling, Dense modules, Normalize.
 //!
 //! `SentenceEncoder::load` runs in the master, before fork, and must start no thread: it only
-//! reads files and copies the weights into tensors. Everything that computes runs in workers.
+//! reads files and copies the weights into plain vectors. Everything that computes runs in
+//! workers.
 
+mod architecture;
+mod candle;
+mod dense;
+mod directory;
 mod fast;
 mod files;
 pub mod kernels;
+mod pooling;
 mod tokenizer;
 mod weights;
 
+use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::bert::BertModel;
-
-use crate::embedder::{EmbedError, Embedder, Tokens};
-pub use files::{LoadError, ModelFiles, ModelIdentity};
+use architecture::EncoderConfig;
+pub use architecture::Family;
+pub use dense::Activation;
+use dense::Dense;
+pub use directory::ModelSpec;
+use directory::{DenseSpec, Step};
+pub use files::{LoadError, ModelIdentity};
+use kernels::Linear;
+use pooling::Pooling;
 use tokenizer::SentenceTokenizer;
 
-/// Which implementation of the forward pass runs.
+use crate::embedder::{EmbedError, Embedder, ModelInfo, Tokens};
+
+/// Which implementation of the transformer's forward pass runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     /// forkserve's own: packed sentences, no padding, fused QKV (`fast.rs`).
     Fast,
-    /// candle-transformers' `BertModel` over padded batches (the reference).
+    /// candle-transformers' models over padded batches (BERT and XLM-RoBERTa only).
     Candle,
 }
 
@@ -38,106 +51,214 @@ impl Backend {
     }
 }
 
-enum Bert {
-    Fast(fast::FastBert),
-    Candle(BertModel),
+enum Encoder {
+    Fast(fast::FastEncoder),
+    Candle(candle::CandleEncoder),
 }
 
-/// A BERT encoder with sentence-transformers' pooling (attention-masked mean). Normalisation
-/// is the caller's choice (`embedder::embed_all`).
+/// What runs after the pooling, in `modules.json` order. A Normalize that ends the pipeline is
+/// not here: `ModelInfo::normalized` says it is there, and `embed_all` applies it.
+enum PostStep {
+    Dense(Dense),
+    Normalize,
+}
+
 pub struct SentenceEncoder {
-    bert: Bert,
+    encoder: Encoder,
     tokenizer: SentenceTokenizer,
-    dimension: usize,
+    pooling: Pooling,
+    steps: Vec<PostStep>,
+    hidden: usize,
+    /// The padding id candle's padded batches use.
+    pad_id: u32,
+    /// Token counts of the model's prompts, for a pooling that leaves them out.
+    prompt_lens: HashMap<String, usize>,
+    info: ModelInfo,
 }
 
 impl SentenceEncoder {
-    /// Read the model directory: config, tokenizer, and the weights through a memory map.
+    /// Read the model directory: its modules, tokenizer and weights (through a memory map).
     pub fn load(dir: &Path) -> Result<SentenceEncoder, LoadError> {
         SentenceEncoder::load_with(dir, Backend::Fast)
     }
 
     pub fn load_with(dir: &Path, backend: Backend) -> Result<SentenceEncoder, LoadError> {
-        let files = ModelFiles::locate(dir)?;
-        let config = files.bert_config()?;
-        let max_seq_length = files.max_seq_length()?;
-        let tokenizer = SentenceTokenizer::load(&files.tokenizer, max_seq_length)?;
+        let spec = ModelSpec::read(dir)?;
+        if spec.plain {
+            tracing::info!(
+                dir = %dir.display(),
+                "no modules.json: serving the transformer with mean pooling, as sentence-transformers does"
+            );
+        }
+        let config = EncoderConfig::read(&spec.transformer.dir)?;
+        let tokenizer = SentenceTokenizer::load(&spec.transformer, &config)?;
+        let weight_files = weights::files_in(&spec.transformer.dir)?;
+        let raw = weights::load(&weight_files)?;
         let model_error = |reason: String| LoadError::Model {
-            path: files.weights.clone(),
+            path: weight_files[0].clone(),
             reason,
         };
-        let weights = weights::load(&files.weights)?;
-        let bert = match backend {
+        let encoder = match backend {
             Backend::Fast => {
-                Bert::Fast(fast::FastBert::new(&config, weights).map_err(model_error)?)
+                Encoder::Fast(fast::FastEncoder::new(&config, raw).map_err(model_error)?)
             }
-            Backend::Candle => Bert::Candle(
-                weights::var_builder(weights)
-                    .and_then(|vb| BertModel::load(vb, &config))
-                    .map_err(|e| model_error(e.to_string()))?,
-            ),
+            Backend::Candle => Encoder::Candle(candle::CandleEncoder::new(&config, raw)?),
         };
+
+        let mut dimension = spec.pooling.output_dimension(config.hidden);
+        let mut steps = Vec::new();
+        let mut dense_names = Vec::new();
+        for step in spec.after_pooling {
+            match step {
+                Step::Normalize => steps.push(PostStep::Normalize),
+                Step::Dense(d) => {
+                    if d.in_features != dimension {
+                        return Err(LoadError::unsupported(
+                            d.dir.join("config.json"),
+                            "in_features",
+                            d.in_features,
+                            format!(
+                                "the vectors reaching this Dense module have {dimension} values"
+                            ),
+                        ));
+                    }
+                    dense_names.push(format!(
+                        "{} -> {} {}",
+                        d.in_features,
+                        d.out_features,
+                        d.activation.name()
+                    ));
+                    dimension = d.out_features;
+                    steps.push(PostStep::Dense(load_dense(&d)?));
+                }
+            }
+        }
+        let normalized = matches!(steps.last(), Some(PostStep::Normalize));
+        if normalized {
+            steps.pop();
+        }
+
+        let mut prompt_lens = HashMap::new();
+        if !spec.pooling.include_prompt {
+            for prompt in spec.prompts.values().filter(|p| !p.is_empty()) {
+                let len = tokenizer.prompt_len(prompt).map_err(|e| {
+                    LoadError::invalid(&spec.dir, format!("prompt {prompt:?}: {e}"))
+                })?;
+                prompt_lens.insert(prompt.clone(), len);
+            }
+        }
+        let pad_id = config.padding_idx.unwrap_or(0);
+        let info = ModelInfo {
+            architecture: config.family.name().to_string(),
+            model_type: config.model_type.clone(),
+            pooling: spec.pooling.modes.iter().map(|m| m.name()).collect(),
+            dense: dense_names,
+            dimension,
+            max_tokens: tokenizer.max_len(),
+            prompts: spec.prompts,
+            default_prompt_name: spec.default_prompt_name,
+            similarity: spec.similarity,
+            normalized,
+            vocab_size: config.vocab,
+        };
+        tracing::debug!(tokenizer = %tokenizer.class, ?info, "model read");
         Ok(SentenceEncoder {
-            bert,
+            encoder,
             tokenizer,
-            dimension: config.hidden_size,
+            pooling: spec.pooling,
+            steps,
+            hidden: config.hidden,
+            pad_id,
+            prompt_lens,
+            info,
         })
     }
 
-    fn forward(&self, bert: &BertModel, batch: &[&Tokens]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let device = Device::Cpu;
-        let width = batch.iter().map(|t| t.len()).max().unwrap_or(0);
-        let n = batch.len();
-        // Pad to the longest sentence of this batch only (the tokenizer file's fixed padding to
-        // 128 would cost ~6x the compute on short sentences).
-        let mut ids = vec![0u32; n * width];
-        let mut mask = vec![0f32; n * width];
-        for (row, t) in batch.iter().enumerate() {
-            ids[row * width..row * width + t.len()].copy_from_slice(&t.ids);
-            mask[row * width..row * width + t.len()].fill(1.0);
+    fn hidden_states(&self, batch: &[&Tokens]) -> Result<Vec<f32>, EmbedError> {
+        let ids: Vec<&[u32]> = batch.iter().map(|t| t.ids.as_slice()).collect();
+        match &self.encoder {
+            // Inside the worker's compute pool: its size is this worker's `threads`.
+            Encoder::Fast(e) => e
+                .hidden_states(&ids, rayon::current_num_threads())
+                .map_err(EmbedError::Inference),
+            Encoder::Candle(e) => e
+                .hidden_states(&ids, self.pad_id)
+                .map_err(|e| EmbedError::Inference(e.to_string())),
         }
-        let ids = Tensor::from_vec(ids, (n, width), &device)?;
-        let mask = Tensor::from_vec(mask, (n, width), &device)?;
-        let token_types = ids.zeros_like()?;
-        let hidden = bert.forward(&ids, &token_types, Some(&mask))?;
-
-        // Mean over real tokens only: padded positions are zeroed by the mask.
-        let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
-        let counts = mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
-        summed
-            .broadcast_div(&counts)?
-            .to_dtype(DType::F32)?
-            .to_vec2()
     }
 }
 
+fn load_dense(spec: &DenseSpec) -> Result<Dense, LoadError> {
+    let files = weights::files_in(&spec.dir)?;
+    let mut raw = weights::load(&files)?;
+    let (inputs, outputs) = (spec.in_features, spec.out_features);
+    let model_error = |reason: String| LoadError::Model {
+        path: files[0].clone(),
+        reason,
+    };
+    let weight = raw
+        .take("linear.weight", &[outputs, inputs])
+        .map_err(model_error)?;
+    let bias = match spec.bias {
+        true => raw.take("linear.bias", &[outputs]).map_err(model_error)?,
+        false => vec![0.0; outputs],
+    };
+    let residual = match (spec.use_residual, inputs == outputs) {
+        (false, _) => None,
+        (true, true) => Some(None),
+        (true, false) => {
+            let w = raw
+                .take("residual.weight", &[outputs, inputs])
+                .map_err(model_error)?;
+            Some(Some(Linear::from_torch(
+                &w,
+                vec![0.0; outputs],
+                inputs,
+                outputs,
+            )))
+        }
+    };
+    Ok(Dense {
+        linear: Linear::from_torch(&weight, bias, inputs, outputs),
+        activation: spec.activation,
+        residual,
+    })
+}
+
 impl Embedder for SentenceEncoder {
-    fn dimension(&self) -> usize {
-        self.dimension
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
-    fn max_tokens(&self) -> usize {
-        self.tokenizer.max_len()
-    }
-
-    fn tokenize(&self, text: &str) -> Result<Tokens, EmbedError> {
-        self.tokenizer.encode(text)
+    fn tokenize(&self, text: &str, prompt: Option<&str>) -> Result<Tokens, EmbedError> {
+        // sentence-transformers prepends a prompt only when it is not empty.
+        let Some(prompt) = prompt.filter(|p| !p.is_empty()) else {
+            return self.tokenizer.encode(text);
+        };
+        let mut tokens = self.tokenizer.encode(&format!("{prompt}{text}"))?;
+        if !self.pooling.include_prompt {
+            tokens.prompt_len = match self.prompt_lens.get(prompt) {
+                Some(n) => *n,
+                None => self.tokenizer.prompt_len(prompt)?,
+            };
+        }
+        Ok(tokens)
     }
 
     fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        match &self.bert {
-            Bert::Fast(bert) => {
-                let ids: Vec<&[u32]> = batch.iter().map(|t| t.ids.as_slice()).collect();
-                // Inside the worker's compute pool: its size is this worker's `threads`.
-                bert.embed(&ids, rayon::current_num_threads())
-                    .map_err(EmbedError::Inference)
+        let states = self.hidden_states(batch)?;
+        let mut vectors = self.pooling.pool(&states, self.hidden, batch);
+        for step in &self.steps {
+            match step {
+                PostStep::Dense(dense) => vectors = dense.forward(&vectors),
+                PostStep::Normalize => vectors
+                    .iter_mut()
+                    .for_each(|v| crate::embedder::unit_length(v)),
             }
-            Bert::Candle(bert) => self
-                .forward(bert, batch)
-                .map_err(|e| EmbedError::Inference(e.to_string())),
         }
+        Ok(vectors)
     }
 }
