@@ -89,8 +89,9 @@ fn main() -> ExitCode {
     }
     if cli.check_config {
         // The model directory is part of the configuration: check what its files ask for
-        // (modules, pooling, Dense layers, prompts), without loading the weights.
-        return match forkserve_worker::model::ModelSpec::read(&config.model.path) {
+        // (modules, encoder, tokenizer, pooling, Dense layers, prompts), without loading the
+        // weights.
+        return match forkserve_worker::model::check(&config.model.path) {
             Ok(_) => {
                 println!("forkserve: configuration OK");
                 ExitCode::SUCCESS

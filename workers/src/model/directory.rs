@@ -188,7 +188,7 @@ impl ModelSpec {
             transformer: read_transformer(dir)?,
             pooling: Pooling::mean(),
             after_pooling: Vec::new(),
-            prompts: BTreeMap::new(),
+            prompts: default_prompts(),
             default_prompt_name: None,
             similarity: "cosine".into(),
             plain: true,
@@ -434,10 +434,19 @@ fn check_normalize(dir: &Path) -> Result<(), LoadError> {
 
 type StConfig = (BTreeMap<String, String>, Option<String>, String);
 
+/// sentence-transformers 6 gives every model a "query" and a "document" prompt, empty unless
+/// the model sets them (so that `encode_query` never falls back to the default prompt).
+fn default_prompts() -> BTreeMap<String, String> {
+    ["query", "document"]
+        .into_iter()
+        .map(|name| (name.to_string(), String::new()))
+        .collect()
+}
+
 /// `config_sentence_transformers.json`: prompts, the default prompt, the similarity function.
 fn read_st_config(dir: &Path) -> Result<StConfig, LoadError> {
     let path = dir.join("config_sentence_transformers.json");
-    let mut prompts = BTreeMap::new();
+    let mut prompts = default_prompts();
     let Some(config) = read_optional_json(&path)? else {
         return Ok((prompts, None, "cosine".into()));
     };

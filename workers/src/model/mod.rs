@@ -188,6 +188,21 @@ impl SentenceEncoder {
     }
 }
 
+/// Everything `load` checks except reading the weights: the modules, the encoder's config, the
+/// tokenizer as rebuilt, and that the weights files are there (`--check-config`).
+pub fn check(dir: &Path) -> Result<ModelSpec, LoadError> {
+    let spec = ModelSpec::read(dir)?;
+    let config = EncoderConfig::read(&spec.transformer.dir)?;
+    SentenceTokenizer::load(&spec.transformer, &config)?;
+    weights::files_in(&spec.transformer.dir)?;
+    for step in &spec.after_pooling {
+        if let Step::Dense(d) = step {
+            weights::files_in(&d.dir)?;
+        }
+    }
+    Ok(spec)
+}
+
 fn load_dense(spec: &DenseSpec) -> Result<Dense, LoadError> {
     let files = weights::files_in(&spec.dir)?;
     let mut raw = weights::load(&files)?;
