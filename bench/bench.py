@@ -194,15 +194,19 @@ def total_pss(mem):
     return mem["master"]["Pss"] + sum(w["Pss"] for w in mem["workers"])
 
 
-# all-MiniLM-L6-v2: 6 layers, hidden 384, intermediate 1536.
-LAYERS, HIDDEN, INTERMEDIATE = 6, 384, 1536
-NON_EMBEDDING_WEIGHTS = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE)
+def model_shape(model_dir):
+    """(layers, hidden, intermediate) of the transformer in `model_dir`."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]
 
 
-def forward_flops(lengths):
+def forward_flops(lengths, model_dir=None):
     """Multiply-adds x 2 of one forward pass over sentences of these token lengths: the linear
     layers (2 x weights per token) plus the attention (Q·Kᵀ and P·V: 4·n²·hidden per layer)."""
-    return 2 * NON_EMBEDDING_WEIGHTS * sum(lengths) + LAYERS * 4 * HIDDEN * sum(n * n for n in lengths)
+    layers, hidden, intermediate = model_shape(model_dir or MODEL)
+    weights = layers * (4 * hidden * hidden + 2 * hidden * intermediate)
+    return 2 * weights * sum(lengths) + layers * 4 * hidden * sum(n * n for n in lengths)
 
 
 def machine():
@@ -439,7 +443,8 @@ def ratio(a, b):
 def report(results):
     kinds = results["kinds"]
     both = len(kinds) == 2
-    lines = [f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['cpu_model']}; "
+    lines = [f"Model: {results.get('model', 'all-MiniLM-L6-v2')}. "
+             f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['cpu_model']}; "
              f"load average at start {results['machine']['loadavg'][0]:.2f}.", ""]
 
     def head(cols):
@@ -536,6 +541,9 @@ def charts(results):
         print("matplotlib not installed: no charts", file=sys.stderr)
         return
     kinds = results["kinds"]
+    # Charts of another model than the default one get its name in front.
+    model = results.get("model", "all-MiniLM-L6-v2")
+    prefix = "" if model == "all-MiniLM-L6-v2" else f"{model}-"
 
     def bars(name, title, ylabel, groups, values):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -547,7 +555,7 @@ def charts(results):
         ax.set_ylabel(ylabel)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, name))
+        fig.savefig(os.path.join(RESULTS, prefix + name))
         plt.close(fig)
 
     if results.get("startup"):
@@ -615,7 +623,9 @@ def selftest():
                             "forkserve": dict(w, worker_exits=0), "python": dict(w, worker_exits=2)}]}
     text = report(fake)
     assert "| 9 | 69 | 1.47 | 40.0 | 68.0 | 0.59 | 36.8 (50%) | 21.6 (15%) |" in text, text
-    assert forward_flops([10]) == 2 * NON_EMBEDDING_WEIGHTS * 10 + 6 * 4 * 384 * 100
+    # all-MiniLM-L6-v2: 6 layers, hidden 384, intermediate 1536.
+    weights = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+    assert forward_flops([10]) == 2 * weights * 10 + 6 * 4 * 384 * 100
     assert "| 2 | 4 | 0 | 31.18 | 58/70/1200 | 3 | 24 | 0 | 31.18 | 58/70/1200 | 3 | 24 | 2 | 1.00 |" in text, text
     assert len(sentences(32)) == len(set(sentences(32))) == 32
     print("selftest: 5 passed, 0 failed")
@@ -628,7 +638,10 @@ def main():
     ap.add_argument("--sections", default="startup,memory,throughput,threads,latency")
     ap.add_argument("--batches", help="latency batch sizes, e.g. short,1,9,32,128")
     ap.add_argument("--out", help="name of the result files under bench/results (default bench or bench-quick)")
+    ap.add_argument("--model", default="all-MiniLM-L6-v2", help="a directory under models/ (make model MODEL=...)")
     args = ap.parse_args()
+    global MODEL
+    MODEL = os.path.join(ROOT, "models", args.model)
     if args.selftest:
         return selftest()
     if not os.path.exists(BIN):
@@ -638,7 +651,7 @@ def main():
         raise SystemExit(f"{VENV} missing: run `make bench` (it installs the Python stack)")
     os.makedirs(RESULTS, exist_ok=True)
     sections = args.sections.split(",")
-    results = {"kinds": kinds, "machine": machine(), "quick": args.quick}
+    results = {"kinds": kinds, "machine": machine(), "quick": args.quick, "model": args.model}
     results["memory_requests"] = 100 if args.quick else 500
     results["latency_repeats"] = 10 if args.quick else 20
     t0 = time.monotonic()
