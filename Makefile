@@ -90,6 +90,7 @@ bench: test-models build ## forkserve vs the Python stack, side by side, both bu
 	@scripts/bench-deps.sh
 	target/bench-venv/bin/python bench/bench.py
 	target/bench-venv/bin/python bench/bench.py --model all-mpnet-base-v2 --sections memory,latency --batches 1,9,32 --out bench-mpnet
+	target/bench-venv/bin/python bench/backends.py
 
 bench-quick: model build ## forkserve alone, one setting per section (< 3 min)
 	@scripts/bench-deps.sh --quick
