@@ -63,20 +63,21 @@ def free_port():
 class Server:
     """A forkserve or Python-stack server started by this harness (and stopped by PID)."""
 
-    def __init__(self, kind, workers, max_requests=0, threads=1):
+    def __init__(self, kind, workers, max_requests=0, threads=1, model=None):
         self.kind, self.workers = kind, workers
+        model = model or MODEL
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{kind}-", suffix=".log", delete=False)
         env = dict(os.environ)
         if kind == "forkserve":
             cmd = [BIN, "-c", "/dev/null", "-b", f"127.0.0.1:{self.port}", "-w", str(workers),
-                   "--max-requests", str(max_requests), "--threads", str(threads), "--model", MODEL,
+                   "--max-requests", str(max_requests), "--threads", str(threads), "--model", model,
                    "--log-level", "warn"]
             env["FORKSERVE_LOG_ACCESS_LOG"] = "false"
         else:
             cmd = [os.path.join(VENV, "bin", "gunicorn"), "-c", "gunicorn.conf.py", "main:app"]
             env.update(WORKERS=str(workers), MAX_REQUESTS=str(max_requests),
-                       BIND=f"127.0.0.1:{self.port}", MODEL_DIR=MODEL, HF_HUB_OFFLINE="1")
+                       BIND=f"127.0.0.1:{self.port}", MODEL_DIR=model, HF_HUB_OFFLINE="1")
         cwd = ROOT if kind == "forkserve" else os.path.join(ROOT, "bench", "python")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=self.log)

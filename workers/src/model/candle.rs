@@ -32,7 +32,24 @@ impl CandleEncoder {
                 ))
             }
             Family::Roberta => {
-                let cfg: xlm_roberta::Config = read_json(path)?;
+                // transformers 5 leaves out what equals its defaults; candle's Config wants
+                // every field.
+                let mut value: serde_json::Value = read_json(path)?;
+                for (key, default) in [
+                    ("position_embedding_type", serde_json::json!("absolute")),
+                    ("hidden_dropout_prob", serde_json::json!(0.1)),
+                    ("attention_probs_dropout_prob", serde_json::json!(0.1)),
+                    ("type_vocab_size", serde_json::json!(1)),
+                    ("pad_token_id", serde_json::json!(1)),
+                    ("layer_norm_eps", serde_json::json!(1e-5)),
+                    ("hidden_act", serde_json::json!("gelu")),
+                ] {
+                    if value.get(key).is_none_or(|v| v.is_null()) {
+                        value[key] = default;
+                    }
+                }
+                let cfg: xlm_roberta::Config = serde_json::from_value(value)
+                    .map_err(|e| LoadError::invalid(path, e.to_string()))?;
                 let prefix = ["roberta", "model"]
                     .into_iter()
                     .find(|p| weights.contains(&format!("{p}.embeddings.word_embeddings.weight")));
