@@ -305,6 +305,9 @@ impl Arbiter {
         if new.log.level != self.config.log.level {
             forkserve_worker::logging::set_level(&new.log.level);
         }
+        if new.proc_name() != self.config.proc_name() {
+            forkserve_worker::proctitle::set(&format!("forkserve: master [{}]", new.proc_name()));
+        }
         self.listeners = listeners;
         self.config = new;
         self.generation += 1;
@@ -365,10 +368,17 @@ impl Arbiter {
 
     /// USR1: reopen the log file here and in every worker (after logrotate).
     fn reopen_logs(&mut self) {
-        match forkserve_worker::logging::reopen() {
-            Ok(()) => tracing::info!("handling SIGUSR1: reopened the log file"),
+        use forkserve_worker::logging::{reopen, Reopened};
+        match reopen() {
+            Ok(Reopened::Files(paths)) => {
+                let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                tracing::info!(files = %paths.join(", "), "handling SIGUSR1: reopened the log files")
+            }
+            Ok(Reopened::NoFile) => {
+                tracing::info!("handling SIGUSR1: no log file to reopen (logging to stderr/stdout)")
+            }
             Err(e) => {
-                tracing::error!(error = %e, "cannot reopen the log file; keeping the old one")
+                tracing::error!(error = %e, "cannot reopen a log file; keeping the old one")
             }
         }
         self.give_log_to_workers();
@@ -483,6 +493,8 @@ impl Arbiter {
                 WorkerState::Booting => {
                     consider((w.spawned_at + boot_timeout).saturating_duration_since(now))
                 }
+                // timeout = 0: no heartbeat deadline (gunicorn's meaning).
+                _ if timeout_ms == 0 => {}
                 _ => {
                     let beat = slot.heartbeat_ms.load(std::sync::atomic::Ordering::Acquire);
                     consider(Duration::from_millis(
@@ -711,6 +723,8 @@ impl Arbiter {
                     Some(StopReason::BootTimeout)
                 }
                 WorkerState::Booting | WorkerState::Free => None,
+                // timeout = 0 turns the heartbeat kill off, as in gunicorn.
+                _ if timeout_ms == 0 => None,
                 _ => {
                     let beat = slot.heartbeat_ms.load(std::sync::atomic::Ordering::Acquire);
                     let busy = slot

@@ -9,6 +9,7 @@ mod memory;
 mod pidfile;
 mod privileges;
 mod reexec;
+mod registry;
 mod scoreboard;
 mod signals;
 mod sockets;
@@ -18,7 +19,6 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
 use forkserve_worker::model::ModelIdentity;
 use forkserve_worker::{logging, Embedder, SentenceEncoder};
 
@@ -34,7 +34,23 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let started = Instant::now();
     tune_allocator();
-    let cli = cli::Cli::parse();
+    let cli = match cli::parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are "errors" that print and exit 0.
+            let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    if cli.print_default_config {
+        print!("{}", config::default_config_file());
+        return ExitCode::SUCCESS;
+    }
+    if cli.print_settings_table {
+        print!("{}", config::settings_table());
+        return ExitCode::SUCCESS;
+    }
     if let Some(address) = &cli.health_check {
         return match healthcheck::probe(address, std::time::Duration::from_secs(2)) {
             Ok(()) => ExitCode::SUCCESS,
@@ -74,7 +90,7 @@ fn main() -> ExitCode {
     let source = ConfigSource {
         path: cli.config.clone(),
         env: utf8_env(std::env::vars_os()),
-        overrides: cli.overrides(),
+        flags: cli.flags.clone(),
     };
     let config = match source.load() {
         Ok(c) => c,
@@ -110,8 +126,17 @@ fn main() -> ExitCode {
         eprintln!("forkserve: configuration error: log.file: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    if let Some(path) = config.log.access_log_file.as_deref() {
+        if let Err(e) = logging::init_access(path) {
+            eprintln!("forkserve: configuration error: log.access_log_file: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     let span = tracing::info_span!("master", pid = std::process::id());
     let _entered = span.enter();
+    // The arguments were read above (clap, the re-exec invocation): the title may reuse their
+    // memory now.
+    forkserve_worker::proctitle::set(&format!("forkserve: master [{}]", config.proc_name()));
     let sockets = Sockets {
         upgrade: inherited_fds,
         activated,

@@ -15,15 +15,44 @@ pub enum BindAddress {
     /// `HOST:PORT` as written (resolved at bind time; may give several addresses).
     Tcp(String),
     Unix(PathBuf),
+    /// `fd://N`: a listening socket this process was started with.
+    Fd(i32),
 }
 
+/// gunicorn's port when an address has none.
+const DEFAULT_PORT: u16 = 8000;
+
 impl BindAddress {
+    /// The forms gunicorn takes, written out: `:8000` is `0.0.0.0:8000`, a host alone listens
+    /// on port 8000; `HOST:PORT`, `[V6]:PORT`, `unix:PATH` and `fd://N` stay as they are.
+    pub fn normalize(s: &str) -> Result<String, String> {
+        let s = s.trim();
+        let bare_v6 = s.starts_with('[') && s.ends_with(']');
+        let written = if let Some(port) = s.strip_prefix(':') {
+            format!("0.0.0.0:{port}")
+        } else if s.starts_with("unix:") || s.starts_with("fd://") {
+            s.to_string()
+        } else if bare_v6 || (!s.contains(':') && !s.is_empty()) {
+            // A host alone: gunicorn's port.
+            format!("{s}:{DEFAULT_PORT}")
+        } else {
+            s.to_string()
+        };
+        BindAddress::parse(&written).map(|_| written)
+    }
+
     pub fn parse(s: &str) -> Result<BindAddress, String> {
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err("unix: needs a path".into());
             }
             return Ok(BindAddress::Unix(PathBuf::from(path)));
+        }
+        if let Some(fd) = s.strip_prefix("fd://") {
+            return match fd.parse::<i32>() {
+                Ok(n) if n >= 0 => Ok(BindAddress::Fd(n)),
+                _ => Err(format!("fd://{fd}: expected a file descriptor number")),
+            };
         }
         if s.parse::<SocketAddr>().is_ok() {
             return Ok(BindAddress::Tcp(s.to_string()));
@@ -32,7 +61,10 @@ impl BindAddress {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                 Ok(BindAddress::Tcp(s.to_string()))
             }
-            _ => Err("expected HOST:PORT, [IPV6]:PORT or unix:PATH".into()),
+            Some((_, port)) if port.parse::<u64>().is_ok() => {
+                Err(format!("port {port} is out of range (0 to 65535)"))
+            }
+            _ => Err("expected :PORT, HOST, HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N".into()),
         }
     }
 }
@@ -42,6 +74,7 @@ impl fmt::Display for BindAddress {
         match self {
             BindAddress::Tcp(a) => write!(f, "http://{a}"),
             BindAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+            BindAddress::Fd(n) => write!(f, "fd://{n}"),
         }
     }
 }
@@ -70,7 +103,6 @@ pub const INHERITED_FDS_ENV: &str = "FORKSERVE_FDS";
 /// Adopt listening sockets passed by the previous master (`FORKSERVE_FDS`). Their addresses
 /// come from the sockets themselves.
 pub fn inherit(fds: &str) -> io::Result<Vec<Bound>> {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let mut out = Vec::new();
     for part in fds.split(',').filter(|p| !p.trim().is_empty()) {
         let fd: i32 = part.trim().parse().map_err(|_| {
@@ -79,49 +111,53 @@ pub fn inherit(fds: &str) -> io::Result<Vec<Bound>> {
                 format!("{INHERITED_FDS_ENV}: bad fd {part:?}"),
             )
         })?;
-        // The fd must be a socket we can ask its address of; anything else is refused before
-        // we take ownership of it.
-        let addr = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd).map_err(
-            |e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("fd {fd}: not a socket: {e}"),
-                )
-            },
-        )?;
-        // SAFETY: the previous master passed this fd to us for exactly this purpose, nothing
-        // else in this process refers to it, and it was just checked to be a socket.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(io::Error::from)?;
-        let bound = if addr.as_unix_addr().is_some() {
-            let l = std::os::unix::net::UnixListener::from(owned);
-            let name = match l.local_addr()?.as_pathname() {
-                Some(p) => format!("unix:{}", p.display()),
-                None => "unix:(unnamed)".to_string(),
-            };
-            let spec = name.clone();
-            Bound {
-                socket: BoundSocket::Unix(l),
-                name,
-                spec,
-            }
-        } else {
-            let l = std::net::TcpListener::from(owned);
-            let spec = l.local_addr()?.to_string();
-            let name = format!("http://{spec}");
-            Bound {
-                socket: BoundSocket::Tcp(l),
-                name,
-                spec,
-            }
-        };
-        out.push(bound);
+        out.push(adopt(fd, None)?);
     }
     Ok(out)
+}
+
+/// Take a listening socket this process was given (by a previous master, or as `fd://N`).
+/// `spec` is the `bind` entry it stands for; None: its own address.
+fn adopt(fd: i32, spec: Option<&str>) -> io::Result<Bound> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // The fd must be a socket we can ask its address of; anything else is refused before
+    // we take ownership of it.
+    let addr =
+        nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("fd {fd}: not a socket: {e}"),
+            )
+        })?;
+    // SAFETY: this fd was handed to us for exactly this purpose (FORKSERVE_FDS from the
+    // previous master, or fd://N in `bind`), nothing else in this process refers to it, and
+    // it was just checked to be a socket.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(io::Error::from)?;
+    Ok(if addr.as_unix_addr().is_some() {
+        let l = std::os::unix::net::UnixListener::from(owned);
+        let name = match l.local_addr()?.as_pathname() {
+            Some(p) => format!("unix:{}", p.display()),
+            None => "unix:(unnamed)".to_string(),
+        };
+        Bound {
+            socket: BoundSocket::Unix(l),
+            spec: spec.map_or_else(|| name.clone(), str::to_string),
+            name,
+        }
+    } else {
+        let l = std::net::TcpListener::from(owned);
+        let local = l.local_addr()?.to_string();
+        Bound {
+            socket: BoundSocket::Tcp(l),
+            name: format!("http://{local}"),
+            spec: spec.map_or(local, str::to_string),
+        }
+    })
 }
 
 /// Bind every address. A host name binds every address it resolves to.
@@ -154,6 +190,7 @@ pub fn bind_all(
                     });
                 }
             }
+            BindAddress::Fd(fd) => out.push(adopt(fd, Some(text))?),
             BindAddress::Unix(path) => {
                 let listener = bind_unix(&path, backlog, socket_mode).map_err(|e| {
                     io::Error::new(
@@ -231,6 +268,16 @@ mod tests {
             Ok(BindAddress::Unix("/run/forkserve.sock".into()))
         );
         assert!(BindAddress::parse("8000").is_err());
+        assert_eq!(BindAddress::normalize(":8001").unwrap(), "0.0.0.0:8001");
+        assert_eq!(
+            BindAddress::normalize("example.org").unwrap(),
+            "example.org:8000"
+        );
+        assert_eq!(BindAddress::normalize("[::1]:9").unwrap(), "[::1]:9");
+        assert_eq!(BindAddress::normalize("fd://3").unwrap(), "fd://3");
+        assert!(BindAddress::normalize("localhost:99999")
+            .unwrap_err()
+            .contains("out of range"));
         assert!(BindAddress::parse("host:http").is_err());
         assert!(BindAddress::parse("unix:").is_err());
     }

@@ -477,7 +477,7 @@ fn valid_requests_are_parsed_and_routed_never_refused_as_malformed() {
             } else {
                 raw.to_string()
             };
-            let line = format!("request={} {} ", req["method"].as_str().unwrap(), target);
+            let line = format!("request=\"{} {} ", req["method"].as_str().unwrap(), target);
             if !logs.contains(&line) {
                 unseen.push(format!("{}: {line}", case.name));
             }

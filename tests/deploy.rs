@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::process::Command;
 
 use support::*;
@@ -264,7 +264,7 @@ fn kubernetes_manifest_probes_health_and_outlasts_graceful_timeout() {
         .unwrap()
         .parse()
         .unwrap();
-    let graceful = conf["graceful_timeout"].as_integer().unwrap();
+    let graceful = conf["graceful_timeout"].as_float().unwrap() as i64;
     let grace = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
     assert!(
         grace > graceful,
@@ -293,132 +293,35 @@ fn kubernetes_manifest_probes_health_and_outlasts_graceful_timeout() {
 /// conf/forkserve.toml documents every key the server knows, with its default value: the
 /// file's keys (set or commented out) equal `--print-config`'s, and the values set in the
 /// file are the defaults (the defaults are what `-c /dev/null` prints).
+/// One declaration per setting: the shipped config file and the README's table are what the
+/// settings registry prints.
 #[test]
-fn config_file_documents_every_key_with_its_default() {
-    let documented = std::fs::read_to_string(project_dir().join("conf/forkserve.toml")).unwrap();
-    let out = Command::new(BIN)
-        .args(["-c", "/dev/null", "--print-config"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let defaults: toml::Table = String::from_utf8_lossy(&out.stdout).parse().unwrap();
-    // The documented file with its commented-out `# key = value` lines switched on.
-    let uncommented: String = documented
-        .lines()
-        .map(|l| {
-            let t = l.trim_start_matches("# ");
-            let is_key = t.split_once(" = ").is_some_and(|(k, _)| {
-                !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-            });
-            if is_key {
-                t
-            } else {
-                l
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let file: toml::Table = uncommented.parse().expect("conf/forkserve.toml parses");
-    let keys = |t: &toml::Table| -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        for (k, v) in t {
-            match v.as_table() {
-                Some(sub) => out.extend(sub.keys().map(|s| format!("{k}.{s}"))),
-                None => {
-                    out.insert(k.clone());
-                }
-            }
-        }
-        out
+fn config_file_and_readme_table_come_from_the_settings_registry() {
+    let printed = |flag: &str| {
+        let out = Command::new(BIN).arg(flag).output().unwrap();
+        assert!(out.status.success(), "{flag}");
+        String::from_utf8(out.stdout).unwrap()
     };
-    let known = keys(&defaults);
-    let listed = keys(&file);
-    // Keys that print only when set (unset by default) are listed commented out.
-    let optional = [
-        "pidfile",
-        "user",
-        "group",
-        "umask",
-        "socket_mode",
-        "model.name",
-        "log.file",
-    ];
-    let missing: Vec<&String> = known.difference(&listed).collect();
-    assert!(missing.is_empty(), "keys not documented: {missing:?}");
-    let unknown: Vec<&String> = listed
-        .difference(&known)
-        .filter(|k| !optional.contains(&k.as_str()))
-        .collect();
+    let shipped = std::fs::read_to_string(project_dir().join("conf/forkserve.toml")).unwrap();
     assert!(
-        unknown.is_empty(),
-        "documented keys the server does not know: {unknown:?}"
+        shipped == printed("--print-default-config"),
+        "conf/forkserve.toml is not what the registry prints: regenerate it with \
+         `target/release/forkserve --print-default-config > conf/forkserve.toml`"
     );
-    // Every value actually set in the file (not commented) is the default, except the paths
-    // that depend on where the defaults are printed from.
-    let set: toml::Table = documented.parse().unwrap();
-    for (k, v) in &set {
-        match v.as_table() {
-            Some(sub) => {
-                for (s, v) in sub {
-                    if format!("{k}.{s}") == "model.path" {
-                        continue;
-                    }
-                    assert!(
-                        same(v, defaults[k].get(s)),
-                        "{k}.{s}: {v} is not the default"
-                    );
-                }
-            }
-            None => assert!(same(v, defaults.get(k)), "{k}: {v} is not the default"),
-        }
-    }
-    // Every key line has a comment saying what it means: right above it, or above the run of
-    // key lines it belongs to (`max_requests` and `max_requests_jitter` share one).
-    let lines: Vec<&str> = documented.lines().collect();
-    let is_key = |l: &str| {
-        l.trim_start_matches("# ")
-            .split_once(" = ")
-            .is_some_and(|(k, _)| {
-                let top = k.to_string();
-                known
-                    .iter()
-                    .any(|n| n == &top || n.ends_with(&format!(".{top}")))
-                    || optional.contains(&k)
-            })
-    };
-    for (i, l) in lines.iter().enumerate() {
-        if !is_key(l) {
-            continue;
-        }
-        let above = lines[..i].iter().rev().find(|p| !is_key(p));
+    let table = printed("--print-settings-table");
+    let readme = std::fs::read_to_string(project_dir().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&table),
+        "README.md does not hold the settings table `forkserve --print-settings-table` prints:\n{table}"
+    );
+    // Every setting is reachable from the command line, the environment and the file.
+    let help = printed("--help");
+    for line in table.lines().skip(2) {
+        let flag = line.split('`').nth(3).unwrap();
         assert!(
-            above.is_some_and(|p| p.starts_with('#')),
-            "{l}: no comment above"
+            help.contains(flag.trim_start_matches('-')),
+            "{flag} not in --help"
         );
-    }
-    let check = Command::new(BIN)
-        .args(["--check-config", "-c"])
-        .arg(project_dir().join("conf/forkserve.toml"))
-        .current_dir(project_dir())
-        .output()
-        .unwrap();
-    assert_eq!(
-        check.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-}
-
-/// Equal TOML values, with `60` and `60.0` the same number.
-fn same(a: &toml::Value, b: Option<&toml::Value>) -> bool {
-    let number = |v: &toml::Value| v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
-    match (a, b) {
-        (_, None) => false,
-        (a, Some(b)) => match (number(a), number(b)) {
-            (Some(x), Some(y)) => x == y,
-            _ => a == b,
-        },
     }
 }
 

@@ -270,21 +270,6 @@ fn token_ids_and_both_backends_match() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
-/// A copy of a fixture model with its symlinks resolved, to be edited by a test.
-fn copy_model(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        // metadata() follows symlinks.
-        if std::fs::metadata(entry.path()).unwrap().is_dir() {
-            copy_model(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
     let mut value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut value);
@@ -437,7 +422,7 @@ fn a_directory_forkserve_cannot_serve_is_refused_naming_file_field_and_value() {
     for refusal in refusals() {
         let scratch = TempDir::new("refused");
         let dir = scratch.path("model");
-        copy_model(&base, &dir);
+        copy_dir(&base, &dir);
         (refusal.edit)(&dir);
         let mut server = Server::spawn(&config_for(&dir, "workers = 1"), &[]);
         let status = server.wait_exit(Duration::from_secs(30));
@@ -476,7 +461,7 @@ fn a_directory_forkserve_cannot_serve_is_refused_naming_file_field_and_value() {
 fn a_reload_to_a_model_it_cannot_serve_keeps_the_old_one() {
     let scratch = TempDir::new("reload-refused");
     let dir = scratch.path("model");
-    copy_model(&fixtures_dir().join("bert-cls"), &dir);
+    copy_dir(&fixtures_dir().join("bert-cls"), &dir);
     let server = Server::start(&config_for(&dir, "workers = 1"), 1);
     let before = server.post_json("/v1/embeddings", r#"{"input": ["a reload test"]}"#);
     assert_eq!(before.status, 200);

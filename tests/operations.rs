@@ -70,13 +70,7 @@ fn hup_with_a_broken_config_keeps_serving_and_says_why() {
 /// A copy of the model directory whose weights are ours to replace.
 fn model_copy(dir: &TempDir) -> std::path::PathBuf {
     let copy = dir.path("model");
-    std::fs::create_dir_all(&copy).unwrap();
-    for entry in std::fs::read_dir(model_dir()).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
-        }
-    }
+    copy_dir(&model_dir(), &copy);
     copy
 }
 
@@ -302,11 +296,14 @@ fn usr1_reopens_the_log_file_in_master_and_workers() {
     eventually(
         "master and both workers to write to the new file",
         Duration::from_secs(10),
-        || std::fs::read_to_string(&logfile).is_ok_and(|t| count(&t, "reopened the log file") == 3),
+        || {
+            std::fs::read_to_string(&logfile)
+                .is_ok_and(|t| count(&t, "reopened the log files") == 3)
+        },
     );
     assert!(!std::fs::read_to_string(&rotated)
         .unwrap()
-        .contains("reopened the log file"));
+        .contains("reopened the log files"));
     server.signal("TERM");
     server.wait_exit(Duration::from_secs(30));
 }

@@ -100,6 +100,22 @@ pub fn config_for(model: &Path, extra: &str) -> String {
     )
 }
 
+/// Copy a directory tree, following symlinks (a model's modules live in subdirectories, and
+/// the small test models reach their transformer through one).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        // metadata() follows symlinks.
+        if std::fs::metadata(entry.path()).unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
 /// all-mpnet-base-v2, fetched by `make model` like the default model.
 pub fn mpnet_dir() -> PathBuf {
     project_dir().join("models/all-mpnet-base-v2")

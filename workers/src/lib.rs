@@ -1,6 +1,7 @@
 //! What runs inside a forkserve worker: the HTTP app, the model, the clustering, and the
 //! worker's side of the master–worker protocol.
 
+pub mod access_log;
 pub mod cluster;
 pub mod compute;
 pub mod embedder;
@@ -9,6 +10,7 @@ pub mod lifecycle;
 pub mod listener;
 pub mod logging;
 pub mod model;
+pub mod proctitle;
 pub mod protocol;
 pub mod settings;
 pub mod worker;

@@ -1,6 +1,7 @@
 //! The error log: `tracing` events to stderr or to `log.file`, with a level that a reload can
-//! change and a file that USR1 reopens (for logrotate). Set up once in the master; workers
-//! inherit it through fork, and reopen the file themselves on USR1.
+//! change and a file that USR1 reopens (for logrotate); and the access log, when it has a
+//! file of its own (`log.access_log_file`: a path, or `-` for stdout). Set up once in the
+//! master; workers inherit both through fork, and reopen the files themselves on USR1.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -14,19 +15,65 @@ use tracing_subscriber::{reload, Registry};
 
 struct LogState {
     level: reload::Handle<LevelFilter, Registry>,
+    /// One JSON object per line (`log.format = "json"`).
+    json: bool,
     /// None: stderr.
     file: Mutex<Option<(PathBuf, File)>>,
 }
 
 static STATE: OnceLock<LogState> = OnceLock::new();
 
+/// Where access log lines go when they have a destination of their own.
+enum AccessSink {
+    Stdout,
+    File(PathBuf, File),
+}
+
+static ACCESS: Mutex<Option<AccessSink>> = Mutex::new(None);
+
+/// Send access log lines to `path` (`-`: stdout) instead of the error log.
+pub fn init_access(path: &Path) -> io::Result<()> {
+    let sink = match path == Path::new("-") {
+        true => AccessSink::Stdout,
+        false => AccessSink::File(path.to_path_buf(), open_append(path)?),
+    };
+    *ACCESS.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    Ok(())
+}
+
+/// Write one access log line (a newline is added). False when there is no access log file.
+pub fn write_access(line: &str) -> bool {
+    let mut guard = ACCESS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    match guard.as_mut() {
+        None => false,
+        Some(AccessSink::Stdout) => {
+            let _ = io::stdout().lock().write_all(&bytes);
+            true
+        }
+        Some(AccessSink::File(_, file)) => {
+            let _ = file.write_all(&bytes);
+            true
+        }
+    }
+}
+
+/// A level by tracing's names or gunicorn's (`warning`, `critical`).
 pub fn parse_level(level: &str) -> LevelFilter {
-    level.parse().unwrap_or(LevelFilter::INFO)
+    match level {
+        "warning" => LevelFilter::WARN,
+        "critical" => LevelFilter::ERROR,
+        other => other.parse().unwrap_or(LevelFilter::INFO),
+    }
 }
 
 /// Install the subscriber. `file` None logs to stderr; `json` writes one JSON object per line.
 pub fn init(level: &str, file: Option<&Path>, json: bool) -> io::Result<()> {
     let opened = match file {
+        // gunicorn's "-": the standard stream.
+        Some(path) if path == Path::new("-") => None,
         Some(path) => Some((path.to_path_buf(), open_append(path)?)),
         None => None,
     };
@@ -47,6 +94,7 @@ pub fn init(level: &str, file: Option<&Path>, json: bool) -> io::Result<()> {
     if STATE
         .set(LogState {
             level: handle,
+            json: json.is_some(),
             file: Mutex::new(opened),
         })
         .is_err()
@@ -61,6 +109,11 @@ pub fn init(level: &str, file: Option<&Path>, json: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether log lines are JSON objects (then every field is a JSON string, escaped by JSON).
+pub fn is_json() -> bool {
+    STATE.get().is_some_and(|s| s.json)
+}
+
 /// Change the level (HUP with a new `log.level`).
 pub fn set_level(level: &str) {
     if let Some(state) = STATE.get() {
@@ -68,17 +121,32 @@ pub fn set_level(level: &str) {
     }
 }
 
-/// Reopen the log file at its path (USR1, after logrotate moved it). On failure the old file
-/// stays in use and the error is returned.
-pub fn reopen() -> io::Result<()> {
-    let Some(state) = STATE.get() else {
-        return Ok(());
-    };
-    let mut guard = state.file.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((path, file)) = guard.as_mut() {
-        *file = open_append(path)?;
+/// What USR1 reopened: the files, or that the logs go to standard streams only.
+pub enum Reopened {
+    Files(Vec<PathBuf>),
+    NoFile,
+}
+
+/// Reopen the log files at their paths (USR1, after logrotate moved them). On failure the old
+/// file stays in use and the error is returned.
+pub fn reopen() -> io::Result<Reopened> {
+    let mut reopened = Vec::new();
+    if let Some(state) = STATE.get() {
+        let mut guard = state.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((path, file)) = guard.as_mut() {
+            *file = open_append(path)?;
+            reopened.push(path.clone());
+        }
     }
-    Ok(())
+    let mut access = ACCESS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(AccessSink::File(path, file)) = access.as_mut() {
+        *file = open_append(path)?;
+        reopened.push(path.clone());
+    }
+    Ok(match reopened.is_empty() {
+        true => Reopened::NoFile,
+        false => Reopened::Files(reopened),
+    })
 }
 
 /// Give the log file to the workers' user, so that they can reopen it on USR1 after dropping
@@ -89,6 +157,11 @@ pub fn chown_file(uid: u32, gid: u32) -> io::Result<()> {
     };
     let guard = state.file.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, file)) = guard.as_ref() {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+    }
+    if let Some(AccessSink::File(_, file)) =
+        ACCESS.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+    {
         std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
     }
     Ok(())

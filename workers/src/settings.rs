@@ -60,6 +60,11 @@ pub struct WorkerSettings {
     pub run_as: Option<(u32, u32)>,
     /// The model's name in `/info` and `/v1/embeddings`.
     pub model_name: String,
+    /// The name in the process titles (`forkserve: worker [NAME]`).
+    pub proc_name: String,
     /// One log line per request.
     pub access_log: bool,
+    /// The access log has its own file (or stdout): lines in this gunicorn format go there.
+    /// None: they go to the error log, as structured events.
+    pub access_log_format: Option<crate::access_log::Format>,
 }

@@ -50,6 +50,7 @@ const ORPHAN_DRAIN: Duration = Duration::from_secs(1);
 pub fn run(ctx: WorkerContext) -> i32 {
     let span = tracing::info_span!("worker", pid = std::process::id());
     let _entered = span.enter();
+    crate::proctitle::set(&format!("forkserve: worker [{}]", ctx.settings.proc_name));
 
     if let Err(e) = prepare_process(&ctx) {
         tracing::error!(error = %e, "cannot prepare the worker process");
@@ -301,7 +302,11 @@ async fn heartbeat(
     master_pid: i32,
     stop: watch::Sender<Option<Stop>>,
 ) {
-    let period = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    // timeout = 0 (no heartbeat timeout) still beats: the master reads liveness from it.
+    let period = match timeout.is_zero() {
+        true => Duration::from_millis(500),
+        false => (timeout / 4).clamp(Duration::from_millis(50), Duration::from_millis(500)),
+    };
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
@@ -331,9 +336,10 @@ fn watch_signals(stop: watch::Sender<Option<Stop>>) -> std::io::Result<()> {
     tokio::spawn(async move {
         while usr1.recv().await.is_some() {
             match crate::logging::reopen() {
-                Ok(()) => tracing::info!("reopened the log file"),
+                Ok(crate::logging::Reopened::Files(_)) => tracing::info!("reopened the log files"),
+                Ok(crate::logging::Reopened::NoFile) => {}
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot reopen the log file; keeping the old one")
+                    tracing::error!(error = %e, "cannot reopen a log file; keeping the old one")
                 }
             }
         }

@@ -96,8 +96,8 @@ struct RequestLine {
     method: Method,
     target: String,
     version: hyper::Version,
-    referer: String,
-    user_agent: String,
+    /// The request's headers, kept for the access log (its format may show any of them).
+    headers: hyper::HeaderMap,
 }
 
 impl App {
@@ -140,8 +140,10 @@ impl App {
             method: req.method().clone(),
             target: req.uri().to_string(),
             version: req.version(),
-            referer: header_text(&req, REFERER),
-            user_agent: header_text(&req, USER_AGENT),
+            headers: match self.settings.access_log {
+                true => req.headers().clone(),
+                false => hyper::HeaderMap::new(),
+            },
         };
         let (route_index, handler) = route(req.method(), req.uri().path());
         // Limits first: a request past them is refused whatever its path.
@@ -161,12 +163,14 @@ impl App {
             // rather than have the connection closed under it.
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        self.board
-            .metrics
-            .count_request(route_index, response.status().as_u16(), elapsed);
+        let elapsed = started.elapsed();
+        self.board.metrics.count_request(
+            route_index,
+            response.status().as_u16(),
+            elapsed.as_secs_f64(),
+        );
         if self.settings.access_log {
-            access_log(remote, &line, &response, elapsed);
+            self.access_log(remote, &line, &response, elapsed);
         }
         self.lifecycle.request_done();
         response
@@ -553,31 +557,60 @@ fn contradicting_scheme_headers(headers: &hyper::HeaderMap) -> bool {
     }
 }
 
-fn header_text(req: &Request<Incoming>, name: HeaderName) -> String {
-    req.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string()
-}
-
-/// One line per request with gunicorn's default fields: remote address, request line,
-/// status, response length, referer, user agent, duration, worker pid (the time is the log
-/// line's own). Structured fields, so `log.format = "json"` gives them as keys.
-fn access_log(remote: &str, line: &RequestLine, response: &Response<Full<Bytes>>, seconds: f64) {
-    let length = response.body().size_hint().exact().unwrap_or(0);
-    tracing::info!(
-        target: "forkserve::access",
-        remote,
-        request = %format_args!("{} {} {:?}", line.method, line.target, line.version),
-        status = response.status().as_u16(),
-        length,
-        referer = %line.referer,
-        user_agent = %line.user_agent,
-        duration_s = format_args!("{seconds:.6}").to_string(),
-        pid = std::process::id(),
-        "access"
-    );
+impl App {
+    /// One line per request: in gunicorn's format to the access log's own file (or stdout),
+    /// or else into the error log as a structured event (JSON fields with `log.format =
+    /// "json"`). Client-controlled values are quoted and escaped either way.
+    fn access_log(
+        &self,
+        remote: &str,
+        line: &RequestLine,
+        response: &Response<Full<Bytes>>,
+        elapsed: std::time::Duration,
+    ) {
+        let length = response.body().size_hint().exact();
+        let version = format!("{:?}", line.version);
+        if let Some(format) = &self.settings.access_log_format {
+            let record = crate::access_log::Record {
+                remote,
+                method: line.method.as_str(),
+                target: &line.target,
+                version: &version,
+                status: response.status().as_u16(),
+                length,
+                duration: elapsed,
+                request_headers: &line.headers,
+                response_headers: response.headers(),
+                time: std::time::SystemTime::now(),
+            };
+            if crate::logging::write_access(&format.line(&record)) {
+                return;
+            }
+        }
+        let text = |name: HeaderName| {
+            line.headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_else(|| "-".into())
+        };
+        let request = format!("{} {} {version}", line.method, line.target);
+        let (referer, user_agent) = (text(REFERER), text(USER_AGENT));
+        let duration_s = format!("{:.6}", elapsed.as_secs_f64());
+        let (status, length, pid) = (
+            response.status().as_u16(),
+            length.unwrap_or(0),
+            std::process::id(),
+        );
+        if crate::logging::is_json() {
+            tracing::info!(target: "forkserve::access", remote, request, status, length,
+                referer, user_agent, duration_s, pid, "access");
+        } else {
+            // Text lines quote and escape what the client sent (Debug formatting), so that a
+            // user agent cannot append fields of its own.
+            tracing::info!(target: "forkserve::access", remote, request = ?request, status,
+                length, referer = ?referer, user_agent = ?user_agent, duration_s, pid, "access");
+        }
+    }
 }
 
 /// Read a JSON body: the media type, the size (before buffering when the client announces

@@ -191,7 +191,9 @@ async fn serve_connection<S>(
         .max_headers(settings.max_headers)
         // A client may close its sending side and still wait for the answer (RFC 9112 §9.6).
         .half_close(true)
-        .keep_alive(true)
+        // keepalive = 0: one request per connection, answered with `Connection: close`
+        // (gunicorn's meaning).
+        .keep_alive(!settings.keepalive.is_zero())
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
 
@@ -199,6 +201,10 @@ async fn serve_connection<S>(
     loop {
         let limit = if *draining.borrow() {
             DRAIN_IDLE_GRACE
+        } else if settings.keepalive.is_zero() {
+            // No keep-alive: hyper closes after the response; a connection that sends
+            // nothing is bounded by the header timeout.
+            settings.header_timeout
         } else {
             settings.keepalive
         };
