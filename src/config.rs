@@ -739,6 +739,8 @@ impl Config {
             run_as: self.run_as,
             model_name: self.model_name(),
             proc_name: self.proc_name(),
+            api_key: self.api_key.clone(),
+            metrics_public: self.metrics_public,
             access_log: self.log.access_log,
             access_log_format: self
                 .log

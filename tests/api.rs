@@ -116,7 +116,9 @@ fn openai_embeddings_as_floats_and_base64_with_usage() {
     let wrong = json!({"input": "x", "model": "text-embedding-3-small"});
     let r = server.post_json("/v1/embeddings", &wrong.to_string());
     assert_eq!(r.status, 404);
-    assert_eq!(r.json()["error_type"], "model_not_found");
+    // OpenAI's envelope on OpenAI's routes.
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    assert_eq!(r.json()["error"]["param"], "model");
 }
 
 #[test]
@@ -238,7 +240,7 @@ fn metrics_cover_every_worker_and_survive_recycling() {
             .map(|s| metric(&text, "forkserve_workers", &format!("state=\"{s}\"")))
             .sum();
         assert!(serving >= 1.0, "{text}");
-        assert!(text.contains("forkserve_worker_private_memory_bytes{pid="));
+        assert!(text.contains("forkserve_worker_private_memory_bytes{worker="));
     }
     assert!(
         answered_by.len() >= 3,

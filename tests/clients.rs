@@ -1,6 +1,7 @@
-//! Real clients against a running server: the official `openai` Python package, schemathesis
-//! against /openapi.json, and the page at / in headless Chromium (selenium). The tools are
-//! installed by `scripts/test-deps.sh`, which `make test` runs first.
+//! Real clients against a running server: the official `openai` Python package, Hugging Face's
+//! `InferenceClient` (text-embeddings-inference's client), schemathesis against /openapi.json,
+//! and the page at / in headless Chromium (selenium). The tools are installed by
+//! `scripts/test-deps.sh`, which `make test` runs first.
 
 mod support;
 
@@ -41,6 +42,40 @@ fn the_official_openai_client_gets_the_reference_embeddings() {
             .arg(base_url(&server))
             .arg(reference),
         "openai client",
+    );
+}
+
+#[test]
+fn the_openai_client_with_an_api_key() {
+    let server = Server::start(&config("workers = 1\napi_key = \"k3y-for-tests\""), 1);
+    run(
+        Command::new(python())
+            .arg(project_dir().join("tests/clients/openai_client.py"))
+            .arg(base_url(&server))
+            .arg(reference_path())
+            .arg("k3y-for-tests"),
+        "openai client with an API key",
+    );
+}
+
+#[test]
+fn huggingface_inference_client_against_the_bare_url_and_base_url() {
+    let server = Server::start(&config("workers = 2"), 2);
+    run(
+        Command::new(python())
+            .arg(project_dir().join("tests/clients/hf_client.py"))
+            .arg(base_url(&server))
+            .arg(reference_path()),
+        "huggingface_hub InferenceClient",
+    );
+    let keyed = Server::start(&config("workers = 1\napi_key = \"hf-k3y\""), 1);
+    run(
+        Command::new(python())
+            .arg(project_dir().join("tests/clients/hf_client.py"))
+            .arg(base_url(&keyed))
+            .arg(reference_path())
+            .arg("hf-k3y"),
+        "huggingface_hub InferenceClient with an API key",
     );
 }
 

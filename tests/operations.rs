@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::*;
 
-fn eventually(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn rewrite_config(server: &Server, text: &str) {
     std::fs::write(server.dir.path("forkserve.toml"), text).unwrap();
 }

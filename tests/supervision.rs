@@ -10,15 +10,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::*;
 
-/// Wait until `pred` holds, polling; panic with `what` after `timeout`.
-fn eventually(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn recycling_after_max_requests_drops_no_request() {
     let server = Server::start(&config("workers = 2\nmax_requests = 20"), 2);

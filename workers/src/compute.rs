@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::embedder::{EmbedError, Embedder, ModelInfo, Tokens};
+use crate::embedder::{EmbedError, Embedder, ModelInfo, Side, TokenPiece, Tokens};
 use crate::protocol::{monotonic_ms, SharedMetrics, WorkerSlot};
 
 type Job = Box<dyn FnOnce(&dyn Embedder) + Send>;
@@ -104,11 +104,40 @@ impl Embedder for Progress<'_> {
     fn info(&self) -> &ModelInfo {
         self.inner.info()
     }
-    fn tokenize(&self, text: &str, prompt: Option<&str>) -> Result<Tokens, EmbedError> {
-        self.inner.tokenize(text, prompt)
+    fn tokenize_at(
+        &self,
+        text: &str,
+        prompt: Option<&str>,
+        side: Option<Side>,
+    ) -> Result<Tokens, EmbedError> {
+        self.inner.tokenize_at(text, prompt, side)
+    }
+    fn embed_tokens(&self, batch: &[&Tokens]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
+        let out = self.inner.embed_tokens(batch);
+        self.progressed(batch);
+        out
+    }
+    fn pieces(
+        &self,
+        text: &str,
+        prompt: Option<&str>,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenPiece>, EmbedError> {
+        self.inner.pieces(text, prompt, add_special_tokens)
+    }
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, EmbedError> {
+        self.inner.decode(ids, skip_special_tokens)
     }
     fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let out = self.inner.embed_batch(batch);
+        self.progressed(batch);
+        out
+    }
+}
+
+impl Progress<'_> {
+    /// A forward pass finished: count it, and move the busy mark on.
+    fn progressed(&self, batch: &[&Tokens]) {
         let tokens: usize = batch.iter().map(|t| t.len()).sum();
         let longest = batch.iter().map(|t| t.len()).max().unwrap_or(0);
         self.metrics
@@ -116,6 +145,5 @@ impl Embedder for Progress<'_> {
         self.slot
             .busy_since_ms
             .store(monotonic_ms(), Ordering::Release);
-        out
     }
 }

@@ -80,6 +80,24 @@ impl Tokens {
     }
 }
 
+/// The end of an over-long input that truncation cuts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Left,
+    Right,
+}
+
+/// One token of a tokenized text, as TEI's `/tokenize` shows it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TokenPiece {
+    pub id: u32,
+    pub text: String,
+    pub special: bool,
+    /// Byte offsets of the piece in the text (None for added special tokens).
+    pub start: Option<usize>,
+    pub stop: Option<usize>,
+}
+
 #[derive(Debug)]
 pub enum EmbedError {
     /// The tokenizer rejected the text.
@@ -103,13 +121,35 @@ impl std::error::Error for EmbedError {}
 pub trait Embedder: Send + Sync {
     fn info(&self) -> &ModelInfo;
     /// Tokenize one sentence with `prompt` in front of it (as `encode(prompt=...)` does),
-    /// truncating the whole to `max_tokens()`.
-    fn tokenize(&self, text: &str, prompt: Option<&str>) -> Result<Tokens, EmbedError>;
+    /// truncating the whole to `max_tokens()` at `side` (None: the model's own side).
+    fn tokenize_at(
+        &self,
+        text: &str,
+        prompt: Option<&str>,
+        side: Option<Side>,
+    ) -> Result<Tokens, EmbedError>;
     /// Embed one batch. Returns one vector per input, in input order: what `encode` returns,
     /// except that a final Normalize module is left to the caller (`embed_all`), because
     /// TEI's `normalize: false` asks for the vector before it.
     fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError>;
+    /// The transformer's last hidden state of every token of every input (TEI's
+    /// `/embed_all`).
+    fn embed_tokens(&self, batch: &[&Tokens]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError>;
+    /// The pieces of `prompt + text`, with or without the model's special tokens, not
+    /// truncated (TEI's `/tokenize`).
+    fn pieces(
+        &self,
+        text: &str,
+        prompt: Option<&str>,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenPiece>, EmbedError>;
+    /// Text from token ids (TEI's `/decode`).
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, EmbedError>;
 
+    /// `tokenize_at` on the model's own truncation side.
+    fn tokenize(&self, text: &str, prompt: Option<&str>) -> Result<Tokens, EmbedError> {
+        self.tokenize_at(text, prompt, None)
+    }
     /// Length of every embedding vector.
     fn dimension(&self) -> usize {
         self.info().dimension
@@ -205,7 +245,12 @@ mod tests {
         fn info(&self) -> &ModelInfo {
             &self.1
         }
-        fn tokenize(&self, _: &str, _: Option<&str>) -> Result<Tokens, EmbedError> {
+        fn tokenize_at(
+            &self,
+            _: &str,
+            _: Option<&str>,
+            _: Option<Side>,
+        ) -> Result<Tokens, EmbedError> {
             unreachable!("not used by embed_all")
         }
         fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {
@@ -217,6 +262,15 @@ mod tests {
                 .iter()
                 .map(|t| vec![t.len() as f32, t.ids[0] as f32])
                 .collect())
+        }
+        fn embed_tokens(&self, _: &[&Tokens]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
+            unreachable!("not used by embed_all")
+        }
+        fn pieces(&self, _: &str, _: Option<&str>, _: bool) -> Result<Vec<TokenPiece>, EmbedError> {
+            unreachable!("not used by embed_all")
+        }
+        fn decode(&self, _: &[u32], _: bool) -> Result<String, EmbedError> {
+            unreachable!("not used by embed_all")
         }
     }
 

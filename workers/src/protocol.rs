@@ -4,6 +4,8 @@
 
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
+use crate::http::routes::Route;
+
 /// Exit code of a worker that could not finish booting (runtime, warm-up). Same number as
 /// gunicorn's `WORKER_BOOT_ERROR`, so ops reading exit codes see familiar values.
 pub const WORKER_BOOT_ERROR: i32 = 3;
@@ -109,21 +111,10 @@ impl WorkerSlot {
     }
 }
 
-/// Routes as counted in metrics; anything else is "other".
-pub const ROUTES: [&str; 10] = [
-    "/cluster",
-    "/embed",
-    "/v1/embeddings",
-    "/info",
-    "/health",
-    "/metrics",
-    "/openapi.json",
-    "/docs",
-    "/",
-    "other",
-];
 /// Status codes counted one by one; anything else is counted as "other".
-pub const STATUSES: [u16; 12] = [200, 400, 404, 405, 408, 413, 415, 422, 431, 500, 503, 0];
+pub const STATUSES: [u16; 15] = [
+    200, 400, 401, 404, 405, 408, 413, 415, 417, 422, 431, 500, 501, 503, 0,
+];
 /// Upper bounds (seconds) of the request-latency histogram; the last is +Inf.
 pub const LATENCY_BUCKETS: [f64; 13] = [
     0.005,
@@ -200,9 +191,9 @@ impl<const N: usize> Default for Histogram<N> {
 #[repr(C)]
 pub struct SharedMetrics {
     /// Requests by route and status.
-    pub requests: [[AtomicU64; STATUSES.len()]; ROUTES.len()],
+    pub requests: [[AtomicU64; STATUSES.len()]; Route::COUNT],
     /// Request latency by route.
-    pub latency: [Histogram<{ LATENCY_BUCKETS.len() }>; ROUTES.len()],
+    pub latency: [Histogram<{ LATENCY_BUCKETS.len() }>; Route::COUNT],
     /// Sentences per forward pass.
     pub batch_size: Histogram<{ BATCH_BUCKETS.len() }>,
     /// Real tokens run through the model.

@@ -62,6 +62,10 @@ pub struct WorkerSettings {
     pub model_name: String,
     /// The name in the process titles (`forkserve: worker [NAME]`).
     pub proc_name: String,
+    /// Bearer token every route but /health and /ping requires; None: open.
+    pub api_key: Option<String>,
+    /// Serve /metrics without the API key.
+    pub metrics_public: bool,
     /// One log line per request.
     pub access_log: bool,
     /// The access log has its own file (or stdout): lines in this gunicorn format go there.

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
@@ -15,80 +14,29 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::auth::ApiKey;
 use super::errors::ApiError;
-use super::types::{
-    parse_cluster_request, parse_embed_request, parse_openai_request, ClusterRequest,
-    ClusterResponse, EmbeddingValue, HealthResponse, InfoResponse, OpenAiEmbedding, OpenAiResponse,
-    OpenAiUsage, RequestLimits, ALGORITHMS,
-};
+use super::routes::{Handler, Route};
+use super::types::{HealthResponse, InfoResponse, RequestLimits, ALGORITHMS};
 use super::{metrics, openapi, pages};
-use crate::cluster::{agglomerative, community_detection};
-use crate::compute::{Compute, ComputeError};
-use crate::embedder::{embed_all, EmbedError, Embedder, ModelInfo, Tokens};
+use crate::compute::Compute;
+use crate::embedder::ModelInfo;
 use crate::lifecycle::Lifecycle;
-use crate::protocol::{Board, ROUTES};
+use crate::protocol::Board;
 use crate::settings::WorkerSettings;
 
 pub static X_WORKER_PID: HeaderName = HeaderName::from_static("x-worker-pid");
 
-/// What a request is for.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Handler {
-    Cluster,
-    Embed,
-    OpenAi,
-    Info,
-    Health,
-    Metrics,
-    OpenApi,
-    Docs,
-    Index,
-}
-
-/// The route table: path, handler, and whether it takes POST (with a JSON body) or GET.
-const ROUTE_TABLE: [(&str, Handler, bool); 9] = [
-    ("/cluster", Handler::Cluster, true),
-    ("/embed", Handler::Embed, true),
-    ("/v1/embeddings", Handler::OpenAi, true),
-    ("/info", Handler::Info, false),
-    ("/health", Handler::Health, false),
-    ("/metrics", Handler::Metrics, false),
-    ("/openapi.json", Handler::OpenApi, false),
-    ("/docs", Handler::Docs, false),
-    ("/", Handler::Index, false),
-];
-
-/// The handler for a request, or the error for a wrong path or method; and the route's
-/// index in `protocol::ROUTES` for the metrics.
-fn route(method: &Method, path: &str) -> (usize, Result<Handler, ApiError>) {
-    let Some((path, handler, post)) = ROUTE_TABLE.iter().find(|(p, _, _)| *p == path) else {
-        return (ROUTES.len() - 1, Err(ApiError::NotFound(path.to_owned())));
-    };
-    let index = ROUTES
-        .iter()
-        .position(|r| r == path)
-        .unwrap_or(ROUTES.len() - 1);
-    let allowed = match post {
-        true => method == Method::POST,
-        false => method == Method::GET || method == Method::HEAD,
-    };
-    let result = match (allowed, post) {
-        (true, _) => Ok(*handler),
-        (false, true) => Err(ApiError::MethodNotAllowed { allow: "POST" }),
-        (false, false) => Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" }),
-    };
-    (index, result)
-}
-
 pub struct App {
-    compute: Compute,
-    settings: Arc<WorkerSettings>,
+    pub(super) compute: Compute,
+    pub(super) settings: Arc<WorkerSettings>,
     lifecycle: Arc<Lifecycle>,
     board: Board,
-    model: ModelInfo,
+    pub(super) model: ModelInfo,
     /// `/openapi.json`, rendered once with this server's limits.
     openapi: Bytes,
     pid: HeaderValue,
+    api_key: Option<ApiKey>,
 }
 
 /// What the access log needs from a request, taken before its body is consumed.
@@ -113,9 +61,12 @@ impl App {
             dimension: model.dimension,
             model: settings.model_name.clone(),
             prompts: model.prompts.keys().cloned().collect(),
+            vocab_size: model.vocab_size,
+            api_key: settings.api_key.is_some(),
         })
         .to_string()
         .into();
+        let api_key = settings.api_key.as_deref().map(ApiKey::new);
         App {
             compute,
             settings,
@@ -124,6 +75,7 @@ impl App {
             model,
             openapi,
             pid: HeaderValue::from(std::process::id()),
+            api_key,
         }
     }
 
@@ -145,17 +97,28 @@ impl App {
                 false => hyper::HeaderMap::new(),
             },
         };
-        let (route_index, handler) = route(req.method(), req.uri().path());
-        // Limits first: a request past them is refused whatever its path.
+        let route = Route::of(req.uri().path());
+        // Limits first: a request past them is refused whatever its path; then the key, then
+        // the route.
         let checked = match head_defect {
             Some(why) => Err(ApiError::MalformedRequest(why.to_string())),
             None => self.check_request(&req, &line.target),
         };
-        let result = match checked.and(handler) {
+        let handler = checked
+            .and_then(|()| self.authorize(route, &req))
+            .and_then(|()| match route.handler(req.method()) {
+                Ok(h) => Ok(h),
+                Err("") => Err(ApiError::NotFound(req.uri().path().to_string())),
+                Err(allow) => Err(ApiError::MethodNotAllowed { allow }),
+            });
+        let result = match handler {
             Ok(h) => self.dispatch(h, req).await,
             Err(e) => Err(e),
         };
-        let mut response = result.unwrap_or_else(ApiError::into_response);
+        let mut response = result.unwrap_or_else(|e| match route.is_openai() {
+            true => e.into_openai_response(),
+            false => e.into_response(),
+        });
         let headers = response.headers_mut();
         headers.insert(X_WORKER_PID.clone(), self.pid.clone());
         if self.lifecycle.is_draining() {
@@ -165,7 +128,7 @@ impl App {
         }
         let elapsed = started.elapsed();
         self.board.metrics.count_request(
-            route_index,
+            route.index(),
             response.status().as_u16(),
             elapsed.as_secs_f64(),
         );
@@ -181,10 +144,17 @@ impl App {
         handler: Handler,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let max_body = self.settings.max_body_bytes;
         match handler {
-            Handler::Cluster => self.cluster(req).await,
-            Handler::Embed => self.embed(req).await,
-            Handler::OpenAi => self.openai(req).await,
+            Handler::Cluster => self.cluster(read_json(req, max_body).await?).await,
+            Handler::Embed => self.embed(read_json(req, max_body).await?).await,
+            Handler::EmbedAll => self.embed_all(read_json(req, max_body).await?).await,
+            Handler::Similarity => self.similarity(read_json(req, max_body).await?).await,
+            Handler::Tokenize => self.tokenize(read_json(req, max_body).await?).await,
+            Handler::Decode => self.decode(read_json(req, max_body).await?).await,
+            Handler::OpenAiEmbeddings => self.openai(read_json(req, max_body).await?).await,
+            Handler::Models => Ok(self.models()),
+            Handler::Model => self.model(req.uri().path()),
             Handler::Info => Ok(json_response(StatusCode::OK, &self.info())),
             Handler::Health => Ok(self.health()),
             Handler::Metrics => Ok(text_response(
@@ -193,8 +163,20 @@ impl App {
             )),
             Handler::OpenApi => Ok(text_response("application/json", self.openapi.clone())),
             Handler::Docs => Ok(text_response("text/html; charset=utf-8", pages::DOCS)),
-            Handler::Index => Ok(text_response("text/html; charset=utf-8", pages::INDEX)),
+            Handler::Page => Ok(text_response("text/html; charset=utf-8", pages::INDEX)),
         }
+    }
+
+    /// With `api_key` set, every route but the health checks (and `/metrics` when
+    /// `metrics_public`) needs `Authorization: Bearer <key>`.
+    fn authorize(&self, route: Route, req: &Request<Incoming>) -> Result<(), ApiError> {
+        let Some(key) = &self.api_key else {
+            return Ok(());
+        };
+        if route.is_public() || (route == Route::Metrics && self.settings.metrics_public) {
+            return Ok(());
+        }
+        key.check(req.headers())
     }
 
     /// What hyper's parser lets through but a strict server refuses before any handler sees
@@ -279,10 +261,11 @@ impl App {
         Ok(())
     }
 
-    fn limits(&self) -> RequestLimits {
+    pub(super) fn limits(&self) -> RequestLimits {
         RequestLimits {
             max_sentences: self.settings.max_sentences,
             dimension: self.model.dimension,
+            vocab_size: self.model.vocab_size,
         }
     }
 
@@ -321,219 +304,6 @@ impl App {
             version: env!("CARGO_PKG_VERSION"),
             worker_pid: std::process::id(),
         }
-    }
-
-    async fn cluster(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
-        let body = read_json(req, self.settings.max_body_bytes).await?;
-        let request = parse_cluster_request(body, self.limits(), &self.settings.cluster)?;
-        // Cosine similarity, as community_detection computes it: unit vectors.
-        let options = self.encode_options(request.prompt_name.as_deref(), true, true)?;
-        let response = self
-            .compute
-            .run(move |embedder| cluster_sentences(embedder, request, options))
-            .await
-            .map_err(compute_error)??;
-        Ok(json_response(StatusCode::OK, &response))
-    }
-
-    /// How to encode for a request: the prompt it names (or the model's default prompt),
-    /// truncation, normalisation and the batch budget.
-    fn encode_options(
-        &self,
-        prompt_name: Option<&str>,
-        truncate: bool,
-        normalize: bool,
-    ) -> Result<EncodeOptions, ApiError> {
-        let prompt = self
-            .model
-            .prompt(prompt_name)
-            .map_err(|e| ApiError::validation("prompt_name", e))?;
-        Ok(EncodeOptions {
-            prompt: prompt.map(str::to_string),
-            truncate,
-            normalize,
-            max_batch_tokens: self.settings.max_batch_tokens,
-        })
-    }
-
-    /// TEI's `POST /embed`: a list of vectors.
-    async fn embed(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
-        let body = read_json(req, self.settings.max_body_bytes).await?;
-        let request = parse_embed_request(body, self.limits())?;
-        // TEI's meaning: `normalize` (default true) scales to unit length; false gives the
-        // vector before any normalisation, the model's own Normalize module included.
-        let options = self.encode_options(
-            request.prompt_name.as_deref(),
-            request.truncate,
-            request.normalize,
-        )?;
-        let (vectors, _) = self
-            .compute
-            .run(move |embedder| encode(embedder, &request.inputs, "inputs", &options))
-            .await
-            .map_err(compute_error)??;
-        Ok(json_response(StatusCode::OK, &vectors))
-    }
-
-    /// OpenAI's `POST /v1/embeddings`.
-    async fn openai(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
-        let body = read_json(req, self.settings.max_body_bytes).await?;
-        let request = parse_openai_request(body, self.limits())?;
-        if let Some(asked) = &request.model {
-            if !self.serves(asked) {
-                return Err(ApiError::ModelNotFound(format!(
-                    "model {asked:?} is not served here; this server serves {:?}",
-                    self.settings.model_name
-                )));
-            }
-        }
-        // Exactly what `encode` returns: unit length only if the model ends with Normalize.
-        let options =
-            self.encode_options(request.prompt_name.as_deref(), true, self.model.normalized)?;
-        let input = request.input;
-        let (vectors, tokens) = self
-            .compute
-            .run(move |embedder| encode(embedder, &input, "input", &options))
-            .await
-            .map_err(compute_error)??;
-        let data = vectors
-            .into_iter()
-            .enumerate()
-            .map(|(index, v)| OpenAiEmbedding {
-                object: "embedding",
-                index,
-                embedding: match request.base64 {
-                    true => EmbeddingValue::Base64(base64_f32(&v)),
-                    false => EmbeddingValue::Float(v),
-                },
-            })
-            .collect();
-        Ok(json_response(
-            StatusCode::OK,
-            &OpenAiResponse {
-                object: "list",
-                data,
-                model: self.settings.model_name.clone(),
-                usage: OpenAiUsage {
-                    prompt_tokens: tokens,
-                    total_tokens: tokens,
-                },
-            },
-        ))
-    }
-
-    /// The served model answers to its name, with or without an organisation prefix
-    /// ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2").
-    fn serves(&self, asked: &str) -> bool {
-        let short = |n: &str| n.rsplit('/').next().unwrap_or(n).to_ascii_lowercase();
-        short(asked) == short(&self.settings.model_name)
-    }
-}
-
-/// How `encode` runs for one request.
-struct EncodeOptions {
-    /// Text prepended to every sentence (the resolved prompt).
-    prompt: Option<String>,
-    /// false: an input longer than the model's maximum is a 422 instead of being cut.
-    truncate: bool,
-    /// Scale every vector to unit length.
-    normalize: bool,
-    max_batch_tokens: usize,
-}
-
-/// Tokenize (refusing over-long input unless `truncate`), embed, optionally normalise; runs on
-/// the compute thread. Returns the vectors and the number of tokens the model saw.
-fn encode(
-    embedder: &dyn Embedder,
-    texts: &[String],
-    field: &str,
-    options: &EncodeOptions,
-) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
-    let tokens = tokenize_all(embedder, texts, field, options.prompt.as_deref())?;
-    if !options.truncate {
-        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| t.was_truncated()) {
-            return Err(ApiError::validation(
-                format!("{field}[{i}]"),
-                format!(
-                    "{} tokens, more than the model's maximum of {}; shorten it or send \"truncate\": true",
-                    t.untruncated_len,
-                    embedder.max_tokens()
-                ),
-            ));
-        }
-    }
-    let seen = tokens.iter().map(Tokens::len).sum();
-    let vectors = embed_all(
-        embedder,
-        &tokens,
-        options.max_batch_tokens,
-        options.normalize,
-    )
-    .map_err(embed_error)?;
-    Ok((vectors, seen))
-}
-
-fn tokenize_all(
-    embedder: &dyn Embedder,
-    texts: &[String],
-    field: &str,
-    prompt: Option<&str>,
-) -> Result<Vec<Tokens>, ApiError> {
-    texts
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            embedder
-                .tokenize(s, prompt)
-                .map_err(|e| ApiError::validation(format!("{field}[{i}]"), e.to_string()))
-        })
-        .collect()
-}
-
-/// Tokenize, embed and cluster; runs on the compute thread.
-fn cluster_sentences(
-    embedder: &dyn Embedder,
-    request: ClusterRequest,
-    options: EncodeOptions,
-) -> Result<ClusterResponse, ApiError> {
-    let (vectors, _) = encode(embedder, &request.sentences, "sentences", &options)?;
-    let clustering = match request.algorithm {
-        "agglomerative" => agglomerative(&vectors, request.threshold, request.min_cluster_size),
-        _ => community_detection(&vectors, request.threshold, request.min_cluster_size),
-    };
-    let texts = |idx: &[usize]| -> Vec<String> {
-        idx.iter().map(|&i| request.sentences[i].clone()).collect()
-    };
-    Ok(ClusterResponse {
-        clusters: clustering.clusters.iter().map(|c| texts(c)).collect(),
-        unclustered: texts(&clustering.unclustered),
-        indices: clustering.clusters,
-        unclustered_indices: clustering.unclustered,
-        algorithm: request.algorithm,
-        threshold: request.threshold,
-        min_cluster_size: request.min_cluster_size,
-    })
-}
-
-/// OpenAI's base64 encoding: the vector's little-endian f32 bytes.
-fn base64_f32(v: &[f32]) -> String {
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn embed_error(e: EmbedError) -> ApiError {
-    match e {
-        EmbedError::Tokenize(m) => ApiError::validation("sentences", m),
-        EmbedError::Inference(m) => ApiError::Internal(m),
-    }
-}
-
-fn compute_error(e: ComputeError) -> ApiError {
-    match e {
-        ComputeError::QueueFull => {
-            ApiError::Overloaded("this worker's queue is full; retry shortly".into())
-        }
-        ComputeError::Failed => ApiError::Internal("internal error while computing".into()),
     }
 }
 
@@ -698,36 +468,4 @@ fn text_response(content_type: &'static str, body: impl Into<Bytes>) -> Response
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_and_methods() {
-        assert_eq!(route(&Method::POST, "/cluster").1, Ok(Handler::Cluster));
-        assert_eq!(route(&Method::GET, "/metrics").1, Ok(Handler::Metrics));
-        assert_eq!(route(&Method::HEAD, "/health").1, Ok(Handler::Health));
-        assert_eq!(
-            route(&Method::GET, "/embed").1,
-            Err(ApiError::MethodNotAllowed { allow: "POST" })
-        );
-        assert_eq!(
-            route(&Method::DELETE, "/info").1,
-            Err(ApiError::MethodNotAllowed { allow: "GET, HEAD" })
-        );
-        let (index, r) = route(&Method::GET, "/nope");
-        assert_eq!(ROUTES[index], "other");
-        assert!(matches!(r, Err(ApiError::NotFound(_))));
-        assert_eq!(
-            ROUTES[route(&Method::POST, "/v1/embeddings").0],
-            "/v1/embeddings"
-        );
-    }
-
-    #[test]
-    fn base64_is_little_endian_f32() {
-        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
-    }
 }

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
@@ -42,6 +42,8 @@ pub enum ApiError {
     NotFound(String),
     /// `/v1/embeddings` asked for a model this server does not serve.
     ModelNotFound(String),
+    /// `api_key` is set and the request has no valid `Authorization: Bearer`.
+    Unauthorized(String),
     /// The worker's queue is full (or it is shutting down): try again shortly.
     Overloaded(String),
     /// Our fault, not the client's.
@@ -62,6 +64,17 @@ impl ApiError {
         }
     }
 
+    /// A validation error of a nested object names its full path (`inputs.sentences[2]`).
+    pub fn in_field(self, prefix: &str) -> ApiError {
+        match self {
+            ApiError::Validation { field, message } => ApiError::Validation {
+                field: format!("{prefix}{field}"),
+                message,
+            },
+            other => other,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidJson(_)
@@ -74,6 +87,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -92,6 +106,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::NotFound(_) => "not_found",
             ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::Internal(_) => "internal",
         }
@@ -116,6 +131,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { allow } => format!("method not allowed; use {allow}"),
             ApiError::NotFound(path) => format!("no route for {path}"),
             ApiError::ModelNotFound(m) => m.clone(),
+            ApiError::Unauthorized(m) => m.clone(),
             ApiError::Overloaded(m) => m.clone(),
             ApiError::Internal(m) => m.clone(),
         }
@@ -128,8 +144,45 @@ impl ApiError {
             error_type: self.error_type(),
         })
         .unwrap_or_default();
+        let status = self.status();
+        self.respond(status, body)
+    }
+
+    /// On OpenAI's routes: OpenAI's envelope `{"error": {"message", "type", "param",
+    /// "code"}}` and its statuses (400 for any invalid input, where forkserve's own routes
+    /// say 422), so that OpenAI's clients raise the exception their users catch.
+    pub fn into_openai_response(self) -> Response<Full<Bytes>> {
+        let status = match self.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            other => other,
+        };
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "invalid_request_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        };
+        let (param, code) = match &self {
+            ApiError::Validation { field, .. } => (Some(field.clone()), None),
+            ApiError::ModelNotFound(_) => (Some("model".to_string()), Some("model_not_found")),
+            ApiError::Unauthorized(_) => (None, Some("invalid_api_key")),
+            ApiError::NotFound(_) => (None, Some("not_found")),
+            ApiError::Overloaded(_) => (None, Some("overloaded")),
+            ApiError::PayloadTooLarge { .. } => (None, Some("payload_too_large")),
+            _ => (None, None),
+        };
+        let body = serde_json::to_vec(&serde_json::json!({
+            "error": {"message": self.message(), "type": kind, "param": param, "code": code}
+        }))
+        .unwrap_or_default();
+        self.respond(status, body)
+    }
+
+    fn respond(self, status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
         let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = self.status();
+        *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         match self {
@@ -138,6 +191,9 @@ impl ApiError {
             }
             ApiError::Overloaded(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             // A request refused for how it is framed or sized: whatever follows it on the
             // connection cannot be trusted to start where we think it does.

@@ -5,9 +5,10 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+use super::routes::Route;
 use crate::protocol::{
     Board, Histogram, WorkerSlot, WorkerState, BATCH_BUCKETS, LATENCY_BUCKETS, RESTART_REASONS,
-    ROUTES, STATUSES,
+    STATUSES,
 };
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -22,7 +23,7 @@ pub fn render(board: &Board) -> String {
         "counter",
         "HTTP requests answered, by route and status.",
     );
-    for (r, route) in ROUTES.iter().enumerate() {
+    for (r, route) in Route::ALL.iter().map(|r| r.label()).enumerate() {
         for (s, status) in STATUSES.iter().enumerate() {
             let n = m.requests[r][s].load(Ordering::Relaxed);
             if n > 0 {
@@ -45,7 +46,7 @@ pub fn render(board: &Board) -> String {
         "histogram",
         "Time from request to response, by route.",
     );
-    for (r, route) in ROUTES.iter().enumerate() {
+    for (r, route) in Route::ALL.iter().map(|r| r.label()).enumerate() {
         if m.latency[r].count.load(Ordering::Relaxed) > 0 {
             histogram(
                 &mut out,
@@ -126,6 +127,13 @@ pub fn render(board: &Board) -> String {
     per_worker(
         &mut out,
         board,
+        "forkserve_worker_pid",
+        "Process id of the worker in each scoreboard slot.",
+        |slot| slot.pid.load(Ordering::Relaxed).max(0) as u64,
+    );
+    per_worker(
+        &mut out,
+        board,
         "forkserve_worker_private_memory_bytes",
         "Private memory (USS) of each worker, sampled by the master every second.",
         |slot| slot.private_bytes.load(Ordering::Relaxed),
@@ -140,7 +148,9 @@ pub fn render(board: &Board) -> String {
     out
 }
 
-/// A gauge with one sample per live worker, labelled by pid.
+/// A gauge with one sample per live worker, labelled by its scoreboard slot: a replaced
+/// worker takes a free slot again, so the series stay as many as the slots in use, however
+/// many workers are recycled (`forkserve_worker_pid` says which process a slot holds).
 fn per_worker(
     out: &mut String,
     board: &Board,
@@ -149,13 +159,13 @@ fn per_worker(
     value: impl Fn(&WorkerSlot) -> u64,
 ) {
     header(out, name, "gauge", help);
-    for slot in board
+    for (index, slot) in board
         .slots
         .iter()
-        .filter(|s| s.state() != WorkerState::Free)
+        .enumerate()
+        .filter(|(_, s)| s.state() != WorkerState::Free)
     {
-        let pid = slot.pid.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}{{pid=\"{pid}\"}} {}", value(slot));
+        let _ = writeln!(out, "{name}{{worker=\"{index}\"}} {}", value(slot));
     }
 }
 
@@ -209,9 +219,9 @@ mod tests {
         slots[0].set_state(WorkerState::Ready);
         slots[0].pid.store(42, Ordering::Relaxed);
         slots[0].private_bytes.store(4096, Ordering::Relaxed);
-        metrics.count_request(0, 200, 0.02);
-        metrics.count_request(0, 200, 0.2);
-        metrics.count_request(1, 422, 0.001);
+        metrics.count_request(Route::Cluster.index(), 200, 0.02);
+        metrics.count_request(Route::Cluster.index(), 200, 0.2);
+        metrics.count_request(Route::Embed.index(), 422, 0.001);
         metrics.count_batch(9, 69, 81);
         metrics.count_restart("max_requests");
         let text = render(&Board { slots, metrics });
@@ -225,7 +235,8 @@ mod tests {
             "forkserve_inference_tokens_total 69",
             "forkserve_worker_restarts_total{reason=\"max_requests\"} 1",
             "forkserve_workers{state=\"ready\"} 1",
-            "forkserve_worker_private_memory_bytes{pid=\"42\"} 4096",
+            "forkserve_worker_private_memory_bytes{worker=\"0\"} 4096",
+            "forkserve_worker_pid{worker=\"0\"} 42",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

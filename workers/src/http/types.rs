@@ -40,23 +40,91 @@ pub struct HealthResponse {
     pub status: &'static str,
 }
 
-/// `POST /embed`, TEI's shape.
+/// One input to embed: a text, or token ids the client tokenized itself (TEI and OpenAI both
+/// take `[int]`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TextInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// Which end of an over-long input truncation cuts (TEI's `truncation_direction`); None: the
+/// model's own side (`truncation_side`, right by default).
+pub type Side = Option<crate::embedder::Side>;
+
+/// `POST /embed` (and `/`, `/invocations`), TEI's shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbedRequest {
-    pub inputs: Vec<String>,
+    pub inputs: Vec<TextInput>,
     pub normalize: bool,
     pub truncate: bool,
+    pub side: Side,
+    pub prompt_name: Option<String>,
+    /// Keep the first `dimensions` values (Matryoshka), before `normalize`.
+    pub dimensions: Option<usize>,
+    /// `encoding_format: "base64"`: each vector as base64 of its little-endian f32 bytes.
+    pub base64: bool,
+}
+
+/// `POST /embed_all`: token vectors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedAllRequest {
+    pub inputs: Vec<TextInput>,
+    pub truncate: bool,
+    pub side: Side,
     pub prompt_name: Option<String>,
 }
 
-/// `POST /v1/embeddings`, OpenAI's shape.
+/// `POST /similarity`: `{"inputs": {"source_sentence", "sentences"}, "parameters"?}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimilarityRequest {
+    pub source: String,
+    pub sentences: Vec<String>,
+    pub truncate: bool,
+    pub side: Side,
+    pub prompt_name: Option<String>,
+}
+
+/// `POST /tokenize`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizeRequest {
+    pub inputs: Vec<String>,
+    pub add_special_tokens: bool,
+    pub prompt_name: Option<String>,
+}
+
+/// `POST /decode`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeRequest {
+    pub ids: Vec<Vec<u32>>,
+    pub skip_special_tokens: bool,
+}
+
+/// `POST /v1/embeddings` and `/embeddings`, OpenAI's shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpenAiRequest {
-    pub input: Vec<String>,
+    pub input: Vec<TextInput>,
     pub model: Option<String>,
     pub base64: bool,
+    /// Keep the first `dimensions` values, as `encode(truncate_dim=...)` does.
+    pub dimensions: Option<usize>,
     /// Not OpenAI's: a prompt of the model, as TEI's `prompt_name`.
     pub prompt_name: Option<String>,
+}
+
+/// `GET /v1/models/{id}`, one element of `GET /v1/models`.
+#[derive(Debug, Serialize)]
+pub struct OpenAiModel {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpenAiModels {
+    pub object: &'static str,
+    pub data: Vec<OpenAiModel>,
 }
 
 #[derive(Debug, Serialize)]
@@ -121,6 +189,8 @@ pub struct InfoResponse {
 pub struct RequestLimits {
     pub max_sentences: usize,
     pub dimension: usize,
+    /// Token ids are below this.
+    pub vocab_size: usize,
 }
 
 pub fn parse_cluster_request(
@@ -203,26 +273,141 @@ pub fn parse_embed_request(body: Value, limits: RequestLimits) -> Result<EmbedRe
             "truncate",
             "truncation_direction",
             "prompt_name",
+            "dimensions",
+            "encoding_format",
         ],
     )?;
-    let inputs = one_or_many_strings(&obj, "inputs", limits.max_sentences)?;
-    let normalize = optional_bool(&obj, "normalize", true)?;
-    let truncate = optional_bool(&obj, "truncate", true)?;
-    match obj.get("truncation_direction") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(d)) if d.eq_ignore_ascii_case("right") => {}
+    Ok(EmbedRequest {
+        inputs: inputs(&obj, "inputs", limits)?,
+        normalize: optional_bool(&obj, "normalize", true)?,
+        truncate: optional_bool(&obj, "truncate", true)?,
+        side: side(&obj)?,
+        prompt_name: optional_string(&obj, "prompt_name")?,
+        dimensions: dimensions(&obj, limits)?,
+        base64: encoding_format(&obj)?,
+    })
+}
+
+pub fn parse_embed_all_request(
+    body: Value,
+    limits: RequestLimits,
+) -> Result<EmbedAllRequest, ApiError> {
+    let obj = as_object(body)?;
+    reject_unknown(
+        &obj,
+        &["inputs", "truncate", "truncation_direction", "prompt_name"],
+    )?;
+    Ok(EmbedAllRequest {
+        inputs: inputs(&obj, "inputs", limits)?,
+        truncate: optional_bool(&obj, "truncate", true)?,
+        side: side(&obj)?,
+        prompt_name: optional_string(&obj, "prompt_name")?,
+    })
+}
+
+pub fn parse_similarity_request(
+    body: Value,
+    limits: RequestLimits,
+) -> Result<SimilarityRequest, ApiError> {
+    let obj = as_object(body)?;
+    reject_unknown(&obj, &["inputs", "parameters"])?;
+    let inputs = match obj.get("inputs") {
+        Some(Value::Object(m)) => m,
+        None => return Err(ApiError::validation("inputs", "missing required field")),
         Some(v) => {
-            return Err(ApiError::validation(
-                "truncation_direction",
-                format!("only \"right\" is supported, got {v}"),
+            return Err(wrong_type(
+                "inputs",
+                "an object with source_sentence and sentences",
+                v,
             ))
         }
-    }
-    Ok(EmbedRequest {
-        inputs,
-        normalize,
-        truncate,
+    };
+    reject_unknown_in(inputs, "inputs", &["source_sentence", "sentences"])?;
+    let source = match inputs.get("source_sentence") {
+        Some(Value::String(s)) => s.clone(),
+        None => {
+            return Err(ApiError::validation(
+                "inputs.source_sentence",
+                "missing required field",
+            ))
+        }
+        Some(v) => return Err(wrong_type("inputs.source_sentence", "a string", v)),
+    };
+    let sentences = string_list(inputs, "sentences", limits.max_sentences)
+        .map_err(|e| e.in_field("inputs."))?;
+    let empty = Map::new();
+    let parameters = match obj.get("parameters") {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(p)) => p,
+        Some(v) => return Err(wrong_type("parameters", "an object", v)),
+    };
+    reject_unknown_in(
+        parameters,
+        "parameters",
+        &["prompt_name", "truncate", "truncation_direction"],
+    )?;
+    Ok(SimilarityRequest {
+        source,
+        sentences,
+        truncate: optional_bool(parameters, "truncate", true)
+            .map_err(|e| e.in_field("parameters."))?,
+        side: side(parameters).map_err(|e| e.in_field("parameters."))?,
+        prompt_name: optional_string(parameters, "prompt_name")
+            .map_err(|e| e.in_field("parameters."))?,
+    })
+}
+
+pub fn parse_tokenize_request(
+    body: Value,
+    limits: RequestLimits,
+) -> Result<TokenizeRequest, ApiError> {
+    let obj = as_object(body)?;
+    reject_unknown(&obj, &["inputs", "add_special_tokens", "prompt_name"])?;
+    Ok(TokenizeRequest {
+        inputs: one_or_many_strings(&obj, "inputs", limits.max_sentences)?,
+        add_special_tokens: optional_bool(&obj, "add_special_tokens", true)?,
         prompt_name: optional_string(&obj, "prompt_name")?,
+    })
+}
+
+pub fn parse_decode_request(body: Value, limits: RequestLimits) -> Result<DecodeRequest, ApiError> {
+    let obj = as_object(body)?;
+    reject_unknown(&obj, &["ids", "skip_special_tokens"])?;
+    let ids = match obj.get("ids") {
+        None => return Err(ApiError::validation("ids", "missing required field")),
+        // [int] is one sequence, [[int]] several.
+        Some(Value::Array(items)) if items.iter().all(|v| !v.is_array()) => {
+            vec![token_ids(items, "ids", limits)?]
+        }
+        Some(Value::Array(items)) => {
+            if items.len() > limits.max_sentences {
+                return Err(ApiError::validation(
+                    "ids",
+                    format!(
+                        "too many items: {} (the limit is {})",
+                        items.len(),
+                        limits.max_sentences
+                    ),
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Array(seq) => token_ids(seq, &format!("ids[{i}]"), limits),
+                    other => Err(wrong_type(
+                        &format!("ids[{i}]"),
+                        "an array of token ids",
+                        other,
+                    )),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(v) => return Err(wrong_type("ids", "an array of token ids", v)),
+    };
+    Ok(DecodeRequest {
+        ids,
+        skip_special_tokens: optional_bool(&obj, "skip_special_tokens", true)?,
     })
 }
 
@@ -239,51 +424,146 @@ pub fn parse_openai_request(body: Value, limits: RequestLimits) -> Result<OpenAi
             "prompt_name",
         ],
     )?;
-    if let Some(Value::Array(items)) = obj.get("input") {
-        if items.iter().any(|v| v.is_number() || v.is_array()) {
-            return Err(ApiError::validation(
-                "input",
-                "token arrays are not supported; send strings",
-            ));
-        }
-    }
-    let input = one_or_many_strings(&obj, "input", limits.max_sentences)?;
     let model = match obj.get("model") {
         None | Some(Value::Null) => None,
         Some(Value::String(m)) => Some(m.clone()),
         Some(v) => return Err(wrong_type("model", "a string", v)),
     };
-    let base64 = match obj.get("encoding_format") {
-        None | Some(Value::Null) => false,
-        Some(Value::String(f)) if f == "float" => false,
-        Some(Value::String(f)) if f == "base64" => true,
-        Some(v) => {
-            return Err(ApiError::validation(
-                "encoding_format",
-                format!("expected \"float\" or \"base64\", got {v}"),
-            ))
-        }
-    };
-    match obj.get("dimensions") {
-        None | Some(Value::Null) => {}
-        Some(v) if v.as_u64() == Some(limits.dimension as u64) => {}
-        Some(v) => {
-            return Err(ApiError::validation(
-                "dimensions",
-                format!("this model has {} dimensions, got {v}", limits.dimension),
-            ))
-        }
-    }
+    let base64 = encoding_format(&obj)?;
     match obj.get("user") {
         None | Some(Value::Null) | Some(Value::String(_)) => {}
         Some(v) => return Err(wrong_type("user", "a string", v)),
     }
     Ok(OpenAiRequest {
-        input,
+        input: inputs(&obj, "input", limits)?,
         model,
         base64,
+        dimensions: dimensions(&obj, limits)?,
         prompt_name: optional_string(&obj, "prompt_name")?,
     })
+}
+
+/// TEI's and OpenAI's input: a string, token ids (`[int]`), or a non-empty list of strings and
+/// token id lists.
+fn inputs(
+    obj: &Map<String, Value>,
+    field: &str,
+    limits: RequestLimits,
+) -> Result<Vec<TextInput>, ApiError> {
+    let items = match obj.get(field) {
+        None => return Err(ApiError::validation(field, "missing required field")),
+        Some(Value::String(s)) => return Ok(vec![TextInput::Text(s.clone())]),
+        Some(Value::Array(items)) => items,
+        Some(v) => {
+            return Err(wrong_type(
+                field,
+                "a string, an array of strings, or token ids",
+                v,
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(ApiError::validation(field, "must not be empty"));
+    }
+    // [1, 2, 3]: one input given as token ids.
+    if items.iter().all(Value::is_number) {
+        return Ok(vec![TextInput::Ids(token_ids(items, field, limits)?)]);
+    }
+    if items.len() > limits.max_sentences {
+        return Err(ApiError::validation(
+            field,
+            format!(
+                "too many items: {} (the limit is {})",
+                items.len(),
+                limits.max_sentences
+            ),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let name = format!("{field}[{i}]");
+            match v {
+                Value::String(s) => Ok(TextInput::Text(s.clone())),
+                Value::Array(ids) => Ok(TextInput::Ids(token_ids(ids, &name, limits)?)),
+                other => Err(wrong_type(
+                    &name,
+                    "a string or an array of token ids",
+                    other,
+                )),
+            }
+        })
+        .collect()
+}
+
+/// Token ids, each in the model's vocabulary; an id out of range is named.
+fn token_ids(items: &[Value], field: &str, limits: RequestLimits) -> Result<Vec<u32>, ApiError> {
+    if items.is_empty() {
+        return Err(ApiError::validation(field, "must not be empty"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(j, v)| {
+            let name = format!("{field}[{j}]");
+            match v.as_u64() {
+                Some(id) if id < limits.vocab_size as u64 => Ok(id as u32),
+                Some(id) => Err(ApiError::validation(
+                    name,
+                    format!(
+                        "token id {id} is not in the model's vocabulary (ids 0 to {})",
+                        limits.vocab_size.saturating_sub(1)
+                    ),
+                )),
+                None => Err(wrong_type(&name, "a token id (an integer >= 0)", v)),
+            }
+        })
+        .collect()
+}
+
+/// `dimensions`: keep the first N values, 1 <= N <= the model's dimension.
+fn dimensions(obj: &Map<String, Value>, limits: RequestLimits) -> Result<Option<usize>, ApiError> {
+    match obj.get("dimensions") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 && n <= limits.dimension as u64 => Ok(Some(n as usize)),
+            _ => Err(ApiError::validation(
+                "dimensions",
+                format!(
+                    "expected an integer from 1 to {} (this model's dimension), got {v}",
+                    limits.dimension
+                ),
+            )),
+        },
+    }
+}
+
+/// `encoding_format`: "float" (the default) or "base64" (true).
+fn encoding_format(obj: &Map<String, Value>) -> Result<bool, ApiError> {
+    match obj.get("encoding_format") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::String(f)) if f == "float" => Ok(false),
+        Some(Value::String(f)) if f == "base64" => Ok(true),
+        Some(v) => Err(ApiError::validation(
+            "encoding_format",
+            format!("expected \"float\" or \"base64\", got {v}"),
+        )),
+    }
+}
+
+/// TEI's `truncation_direction`: "Right" or "Left" (any case).
+fn side(obj: &Map<String, Value>) -> Result<Side, ApiError> {
+    use crate::embedder::Side::{Left, Right};
+    match obj.get("truncation_direction") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(d)) if d.eq_ignore_ascii_case("right") => Ok(Some(Right)),
+        Some(Value::String(d)) if d.eq_ignore_ascii_case("left") => Ok(Some(Left)),
+        Some(v) => Err(ApiError::validation(
+            "truncation_direction",
+            format!("expected \"Right\" or \"Left\", got {v}"),
+        )),
+    }
 }
 
 fn optional_string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
@@ -322,9 +602,17 @@ fn as_object(body: Value) -> Result<Map<String, Value>, ApiError> {
 }
 
 fn reject_unknown(obj: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
+    reject_unknown_in(obj, "", known)
+}
+
+/// Like `reject_unknown`, for an object nested at `path` (`inputs`, `parameters`).
+fn reject_unknown_in(obj: &Map<String, Value>, path: &str, known: &[&str]) -> Result<(), ApiError> {
     match obj.keys().find(|k| !known.contains(&k.as_str())) {
         Some(k) => Err(ApiError::validation(
-            k.clone(),
+            match path {
+                "" => k.clone(),
+                p => format!("{p}.{k}"),
+            },
             format!("unknown field; expected one of {known:?}"),
         )),
         None => Ok(()),
@@ -381,6 +669,7 @@ mod tests {
     const LIMITS: RequestLimits = RequestLimits {
         max_sentences: 3,
         dimension: 384,
+        vocab_size: 1000,
     };
 
     fn parse(v: Value) -> Result<ClusterRequest, ApiError> {
@@ -452,8 +741,20 @@ mod tests {
     #[test]
     fn embed_requests_take_a_string_or_a_list() {
         let r = parse_embed_request(json!({"inputs": "a"}), LIMITS).unwrap();
-        assert_eq!(r.inputs, vec!["a"]);
+        assert_eq!(r.inputs, vec![TextInput::Text("a".into())]);
         assert!(r.normalize && r.truncate);
+        // Token ids: one input as [int], several as [[int]], or mixed with strings.
+        let r = parse_embed_request(json!({"inputs": [1, 2]}), LIMITS).unwrap();
+        assert_eq!(r.inputs, vec![TextInput::Ids(vec![1, 2])]);
+        let r = parse_embed_request(json!({"inputs": [[1], "b"]}), LIMITS).unwrap();
+        assert_eq!(r.inputs[0], TextInput::Ids(vec![1]));
+        let r = parse_embed_request(
+            json!({"inputs": "a", "truncation_direction": "Left", "dimensions": 8, "prompt_name": "q"}),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(r.side, Some(crate::embedder::Side::Left));
+        assert_eq!(r.dimensions, Some(8));
         let r = parse_embed_request(
             json!({"inputs": ["a", "b"], "normalize": false, "truncate": false}),
             LIMITS,
@@ -466,9 +767,12 @@ mod tests {
             (json!({"inputs": 3}), "inputs"),
             (json!({"inputs": "a", "normalize": "yes"}), "normalize"),
             (
-                json!({"inputs": "a", "truncation_direction": "Left"}),
+                json!({"inputs": "a", "truncation_direction": "Up"}),
                 "truncation_direction",
             ),
+            (json!({"inputs": "a", "dimensions": 0}), "dimensions"),
+            (json!({"inputs": [[1, 5000]]}), "inputs[0][1]"),
+            (json!({"inputs": [1.5]}), "inputs[0]"),
             (json!({"input": "a"}), "input"),
         ] {
             assert_eq!(
@@ -492,13 +796,18 @@ mod tests {
                 .unwrap()
                 .base64
         );
+        let ids = parse_openai_request(json!({"input": [[1, 2], [3]]}), LIMITS).unwrap();
+        assert_eq!(
+            ids.input,
+            vec![TextInput::Ids(vec![1, 2]), TextInput::Ids(vec![3])]
+        );
         for (body, field) in [
-            (json!({"input": [1, 2]}), "input"),
+            (json!({"input": [1, 1000]}), "input[1]"),
             (
                 json!({"input": "a", "encoding_format": "int8"}),
                 "encoding_format",
             ),
-            (json!({"input": "a", "dimensions": 128}), "dimensions"),
+            (json!({"input": "a", "dimensions": 385}), "dimensions"),
             (json!({"input": "a", "model": 5}), "model"),
         ] {
             assert_eq!(
@@ -507,6 +816,54 @@ mod tests {
             );
         }
         assert!(parse_openai_request(json!({"input": "a", "dimensions": 384}), LIMITS).is_ok());
+        assert!(parse_openai_request(json!({"input": "a", "dimensions": 128}), LIMITS).is_ok());
+    }
+
+    #[test]
+    fn tei_routes_requests() {
+        let s = parse_similarity_request(
+            json!({"inputs": {"source_sentence": "a", "sentences": ["b", "c"]}, "parameters": {"truncate": false}}),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.source.as_str(), s.sentences.len(), s.truncate),
+            ("a", 2, false)
+        );
+        for (body, field) in [
+            (
+                json!({"inputs": {"sentences": ["b"]}}),
+                "inputs.source_sentence",
+            ),
+            (
+                json!({"inputs": {"source_sentence": "a", "sentences": [1]}}),
+                "inputs.sentences[0]",
+            ),
+            (
+                json!({"inputs": {"source_sentence": "a", "sentences": ["b"]}, "parameters": {"x": 1}}),
+                "parameters.x",
+            ),
+        ] {
+            assert_eq!(
+                field_of(parse_similarity_request(body, LIMITS).unwrap_err()),
+                field
+            );
+        }
+        let t = parse_tokenize_request(json!({"inputs": "a", "add_special_tokens": false}), LIMITS)
+            .unwrap();
+        assert!(!t.add_special_tokens);
+        let d = parse_decode_request(json!({"ids": [1, 2]}), LIMITS).unwrap();
+        assert_eq!(d.ids, vec![vec![1, 2]]);
+        let d = parse_decode_request(
+            json!({"ids": [[1], [2, 3]], "skip_special_tokens": false}),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!((d.ids.len(), d.skip_special_tokens), (2, false));
+        assert_eq!(
+            field_of(parse_decode_request(json!({"ids": [[1, 9999]]}), LIMITS).unwrap_err()),
+            "ids[0][1]"
+        );
     }
 
     #[test]

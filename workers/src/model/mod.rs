@@ -30,7 +30,7 @@ use kernels::Linear;
 use pooling::Pooling;
 use tokenizer::SentenceTokenizer;
 
-use crate::embedder::{EmbedError, Embedder, ModelInfo, Tokens};
+use crate::embedder::{EmbedError, Embedder, ModelInfo, Side, TokenPiece, Tokens};
 
 /// Which implementation of the transformer's forward pass runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,12 +245,17 @@ impl Embedder for SentenceEncoder {
         &self.info
     }
 
-    fn tokenize(&self, text: &str, prompt: Option<&str>) -> Result<Tokens, EmbedError> {
+    fn tokenize_at(
+        &self,
+        text: &str,
+        prompt: Option<&str>,
+        side: Option<Side>,
+    ) -> Result<Tokens, EmbedError> {
         // sentence-transformers prepends a prompt only when it is not empty.
         let Some(prompt) = prompt.filter(|p| !p.is_empty()) else {
-            return self.tokenizer.encode(text);
+            return self.tokenizer.encode_at(text, side);
         };
-        let mut tokens = self.tokenizer.encode(&format!("{prompt}{text}"))?;
+        let mut tokens = self.tokenizer.encode_at(&format!("{prompt}{text}"), side)?;
         if !self.pooling.include_prompt {
             tokens.prompt_len = match self.prompt_lens.get(prompt) {
                 Some(n) => *n,
@@ -258,6 +263,37 @@ impl Embedder for SentenceEncoder {
             };
         }
         Ok(tokens)
+    }
+
+    fn embed_tokens(&self, batch: &[&Tokens]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let states = self.hidden_states(batch)?;
+        let h = self.hidden;
+        let mut rows = states.chunks_exact(h).map(<[f32]>::to_vec);
+        Ok(batch
+            .iter()
+            .map(|t| rows.by_ref().take(t.len()).collect())
+            .collect())
+    }
+
+    fn pieces(
+        &self,
+        text: &str,
+        prompt: Option<&str>,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenPiece>, EmbedError> {
+        match prompt.filter(|p| !p.is_empty()) {
+            Some(p) => self
+                .tokenizer
+                .pieces(&format!("{p}{text}"), add_special_tokens),
+            None => self.tokenizer.pieces(text, add_special_tokens),
+        }
+    }
+
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, EmbedError> {
+        self.tokenizer.decode(ids, skip_special_tokens)
     }
 
     fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {

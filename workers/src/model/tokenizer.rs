@@ -23,7 +23,7 @@ use tokenizers::{PostProcessor, Tokenizer, TruncationDirection};
 use super::architecture::EncoderConfig;
 use super::directory::TransformerSpec;
 use super::files::{read_json, read_optional_json, LoadError};
-use crate::embedder::{EmbedError, Tokens};
+use crate::embedder::{EmbedError, Side, TokenPiece, Tokens};
 
 pub struct SentenceTokenizer {
     inner: Tokenizer,
@@ -142,13 +142,23 @@ impl SentenceTokenizer {
     /// tokenizer's own truncation does (the content is cut, the special tokens stay), after
     /// counting its full length (a `truncate: false` request needs that count).
     pub fn encode(&self, text: &str) -> Result<Tokens, EmbedError> {
+        self.encode_at(text, None)
+    }
+
+    /// `encode`, truncating at `side` (None: the model's `truncation_side`).
+    pub fn encode_at(&self, text: &str, side: Option<Side>) -> Result<Tokens, EmbedError> {
         let mut encoding = self
             .inner
             .encode(text, false)
             .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
         let untruncated_len = encoding.len() + self.added;
         if untruncated_len > self.max_len {
-            encoding.truncate(self.max_len - self.added, 0, self.direction);
+            let direction = match side {
+                None => self.direction,
+                Some(Side::Left) => TruncationDirection::Left,
+                Some(Side::Right) => TruncationDirection::Right,
+            };
+            encoding.truncate(self.max_len - self.added, 0, direction);
         }
         let encoding = self
             .inner
@@ -159,6 +169,42 @@ impl SentenceTokenizer {
             untruncated_len,
             prompt_len: 0,
         })
+    }
+
+    /// The pieces of `text`, not truncated.
+    pub fn pieces(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenPiece>, EmbedError> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_tokens())
+            .zip(encoding.get_offsets())
+            .zip(encoding.get_special_tokens_mask())
+            .map(|(((&id, token), &(start, stop)), &mask)| {
+                let special = mask == 1 || self.special_ids.contains(&id);
+                let located = !(special && start == stop);
+                TokenPiece {
+                    id,
+                    text: token.clone(),
+                    special,
+                    start: located.then_some(start),
+                    stop: located.then_some(stop),
+                }
+            })
+            .collect())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, EmbedError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| EmbedError::Tokenize(e.to_string()))
     }
 
     /// How many leading tokens of `prompt + sentence` sentence-transformers counts as the

@@ -1,0 +1,458 @@
+//! The handlers that compute: clustering, TEI's embedding routes (`/embed`, `/`,
+//! `/invocations`, `/embed_all`, `/similarity`, `/tokenize`, `/decode`) and OpenAI's
+//! (`/v1/embeddings`, `/embeddings`, `/v1/models`). Each parses its wire type, then runs its
+//! work on the compute thread through the `Embedder` seam.
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
+use serde_json::Value;
+
+use super::app::{json_response, App};
+use super::errors::ApiError;
+use super::types::{
+    parse_cluster_request, parse_decode_request, parse_embed_all_request, parse_embed_request,
+    parse_openai_request, parse_similarity_request, parse_tokenize_request, ClusterRequest,
+    ClusterResponse, EmbeddingValue, OpenAiEmbedding, OpenAiModel, OpenAiModels, OpenAiResponse,
+    OpenAiUsage, Side, TextInput,
+};
+use crate::cluster::{agglomerative, community_detection};
+use crate::compute::ComputeError;
+use crate::embedder::{embed_all, unit_length, EmbedError, Embedder, Tokens};
+
+type Reply = Result<Response<Full<Bytes>>, ApiError>;
+
+/// How `encode` runs for one request.
+pub(super) struct EncodeOptions {
+    /// Text prepended to every sentence (the resolved prompt).
+    prompt: Option<String>,
+    /// false: an input longer than the model's maximum is a 422 instead of being cut.
+    truncate: bool,
+    side: Side,
+    /// Scale every vector to unit length.
+    normalize: bool,
+    /// Keep the first values only (Matryoshka), before normalising.
+    dimensions: Option<usize>,
+    max_batch_tokens: usize,
+}
+
+impl App {
+    /// How to encode for a request: the prompt it names (or the model's default prompt),
+    /// truncation, normalisation and the batch budget.
+    fn options(
+        &self,
+        prompt_name: Option<&str>,
+        truncate: bool,
+        side: Side,
+        normalize: bool,
+    ) -> Result<EncodeOptions, ApiError> {
+        let prompt = self
+            .model
+            .prompt(prompt_name)
+            .map_err(|e| ApiError::validation("prompt_name", e))?;
+        Ok(EncodeOptions {
+            prompt: prompt.map(str::to_string),
+            truncate,
+            side,
+            normalize,
+            dimensions: None,
+            max_batch_tokens: self.settings.max_batch_tokens,
+        })
+    }
+
+    pub(super) async fn cluster(&self, body: Value) -> Reply {
+        let request = parse_cluster_request(body, self.limits(), &self.settings.cluster)?;
+        // Cosine similarity, as community_detection computes it: unit vectors.
+        let options = self.options(request.prompt_name.as_deref(), true, None, true)?;
+        let response = self
+            .compute
+            .run(move |embedder| cluster_sentences(embedder, request, options))
+            .await
+            .map_err(compute_error)??;
+        Ok(json_response(StatusCode::OK, &response))
+    }
+
+    /// TEI's `POST /embed` (and `/`, `/invocations`): a list of vectors. `normalize` keeps
+    /// TEI's meaning: true scales to unit length; false gives the vector before any
+    /// normalisation, the model's own Normalize module included.
+    pub(super) async fn embed(&self, body: Value) -> Reply {
+        let request = parse_embed_request(body, self.limits())?;
+        let mut options = self.options(
+            request.prompt_name.as_deref(),
+            request.truncate,
+            request.side,
+            request.normalize,
+        )?;
+        options.dimensions = request.dimensions;
+        let inputs = request.inputs;
+        let (vectors, _) = self
+            .compute
+            .run(move |embedder| encode(embedder, &inputs, "inputs", &options))
+            .await
+            .map_err(compute_error)??;
+        if request.base64 {
+            let encoded: Vec<String> = vectors.iter().map(|v| base64_f32(v)).collect();
+            return Ok(json_response(StatusCode::OK, &encoded));
+        }
+        Ok(json_response(StatusCode::OK, &vectors))
+    }
+
+    /// TEI's `POST /embed_all`: every token's vector.
+    pub(super) async fn embed_all(&self, body: Value) -> Reply {
+        let request = parse_embed_all_request(body, self.limits())?;
+        let options = self.options(
+            request.prompt_name.as_deref(),
+            request.truncate,
+            request.side,
+            false,
+        )?;
+        let inputs = request.inputs;
+        let tokens = self
+            .compute
+            .run(move |embedder| -> Result<_, ApiError> {
+                let tokens = tokenize_inputs(embedder, &inputs, "inputs", &options)?;
+                let refs: Vec<&Tokens> = tokens.iter().collect();
+                embedder.embed_tokens(&refs).map_err(embed_error)
+            })
+            .await
+            .map_err(compute_error)??;
+        Ok(json_response(StatusCode::OK, &tokens))
+    }
+
+    /// TEI's `POST /similarity`: the cosine similarity of each sentence to the source.
+    pub(super) async fn similarity(&self, body: Value) -> Reply {
+        let request = parse_similarity_request(body, self.limits())?;
+        let options = self.options(
+            request.prompt_name.as_deref(),
+            request.truncate,
+            request.side,
+            true,
+        )?;
+        let mut texts = vec![TextInput::Text(request.source)];
+        texts.extend(request.sentences.into_iter().map(TextInput::Text));
+        let (vectors, _) = self
+            .compute
+            .run(move |embedder| encode(embedder, &texts, "inputs.sentences", &options))
+            .await
+            .map_err(compute_error)??;
+        let (source, others) = vectors
+            .split_first()
+            .ok_or(ApiError::Internal("no vector".into()))?;
+        let scores: Vec<f32> = others
+            .iter()
+            .map(|v| v.iter().zip(source).map(|(a, b)| a * b).sum())
+            .collect();
+        Ok(json_response(StatusCode::OK, &scores))
+    }
+
+    /// TEI's `POST /tokenize`: the pieces of every input.
+    pub(super) async fn tokenize(&self, body: Value) -> Reply {
+        let request = parse_tokenize_request(body, self.limits())?;
+        let prompt = self
+            .model
+            .prompt(request.prompt_name.as_deref())
+            .map_err(|e| ApiError::validation("prompt_name", e))?
+            .map(str::to_string);
+        let pieces = self
+            .compute
+            .run(move |embedder| -> Result<Vec<_>, ApiError> {
+                request
+                    .inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, text)| {
+                        embedder
+                            .pieces(text, prompt.as_deref(), request.add_special_tokens)
+                            .map_err(|e| {
+                                ApiError::validation(format!("inputs[{i}]"), e.to_string())
+                            })
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(compute_error)??;
+        Ok(json_response(StatusCode::OK, &pieces))
+    }
+
+    /// TEI's `POST /decode`: text from token ids.
+    pub(super) async fn decode(&self, body: Value) -> Reply {
+        let request = parse_decode_request(body, self.limits())?;
+        let texts = self
+            .compute
+            .run(move |embedder| -> Result<Vec<String>, ApiError> {
+                request
+                    .ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ids)| {
+                        embedder
+                            .decode(ids, request.skip_special_tokens)
+                            .map_err(|e| ApiError::validation(format!("ids[{i}]"), e.to_string()))
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(compute_error)??;
+        Ok(json_response(StatusCode::OK, &texts))
+    }
+
+    /// OpenAI's `POST /v1/embeddings` (and `/embeddings`): exactly what `encode` returns,
+    /// unit length only if the model ends with Normalize; `dimensions` keeps the first values,
+    /// as `encode(truncate_dim=...)` does.
+    pub(super) async fn openai(&self, body: Value) -> Reply {
+        let request = parse_openai_request(body, self.limits())?;
+        if let Some(asked) = &request.model {
+            if !self.serves(asked) {
+                return Err(ApiError::ModelNotFound(format!(
+                    "The model `{asked}` does not exist: this server serves `{}`",
+                    self.settings.model_name
+                )));
+            }
+        }
+        let mut options = self.options(
+            request.prompt_name.as_deref(),
+            true,
+            None,
+            self.model.normalized,
+        )?;
+        options.dimensions = request.dimensions;
+        let input = request.input;
+        let (vectors, tokens) = self
+            .compute
+            .run(move |embedder| encode(embedder, &input, "input", &options))
+            .await
+            .map_err(compute_error)??;
+        let data = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(index, v)| OpenAiEmbedding {
+                object: "embedding",
+                index,
+                embedding: match request.base64 {
+                    true => EmbeddingValue::Base64(base64_f32(&v)),
+                    false => EmbeddingValue::Float(v),
+                },
+            })
+            .collect();
+        Ok(json_response(
+            StatusCode::OK,
+            &OpenAiResponse {
+                object: "list",
+                data,
+                model: self.settings.model_name.clone(),
+                usage: OpenAiUsage {
+                    prompt_tokens: tokens,
+                    total_tokens: tokens,
+                },
+            },
+        ))
+    }
+
+    /// `GET /v1/models`: the one model this server serves.
+    pub(super) fn models(&self) -> Response<Full<Bytes>> {
+        json_response(
+            StatusCode::OK,
+            &OpenAiModels {
+                object: "list",
+                data: vec![self.openai_model()],
+            },
+        )
+    }
+
+    /// `GET /v1/models/{id}`: the served model under any of its names, else 404
+    /// `model_not_found`.
+    pub(super) fn model(&self, path: &str) -> Reply {
+        let id = percent_decode(path.trim_start_matches("/v1/models/"));
+        let id = id.as_str();
+        match self.serves(id) {
+            true => Ok(json_response(StatusCode::OK, &self.openai_model())),
+            false => Err(ApiError::ModelNotFound(format!(
+                "The model `{id}` does not exist: this server serves `{}`",
+                self.settings.model_name
+            ))),
+        }
+    }
+
+    fn openai_model(&self) -> OpenAiModel {
+        OpenAiModel {
+            id: self.settings.model_name.clone(),
+            object: "model",
+            created: 0,
+            owned_by: "forkserve",
+        }
+    }
+
+    /// The served model answers to its name, with or without an organisation prefix
+    /// ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2").
+    fn serves(&self, asked: &str) -> bool {
+        let short = |n: &str| n.rsplit('/').next().unwrap_or(n).to_ascii_lowercase();
+        short(asked) == short(&self.settings.model_name)
+    }
+}
+
+/// Tokenize (refusing over-long input unless `truncate`), embed, cut to `dimensions`,
+/// optionally normalise; runs on the compute thread. Returns the vectors and the number of
+/// tokens the model saw.
+fn encode(
+    embedder: &dyn Embedder,
+    inputs: &[TextInput],
+    field: &str,
+    options: &EncodeOptions,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let tokens = tokenize_inputs(embedder, inputs, field, options)?;
+    let seen = tokens.iter().map(Tokens::len).sum();
+    let normalize_in_pass = options.normalize && options.dimensions.is_none();
+    let mut vectors = embed_all(
+        embedder,
+        &tokens,
+        options.max_batch_tokens,
+        normalize_in_pass,
+    )
+    .map_err(embed_error)?;
+    if let Some(d) = options.dimensions {
+        for v in &mut vectors {
+            v.truncate(d);
+            if options.normalize {
+                unit_length(v);
+            }
+        }
+    }
+    Ok((vectors, seen))
+}
+
+/// Texts through the tokenizer (with the prompt), token ids as given (cut to the model's
+/// maximum); over-long input is a 422 naming it unless `truncate`.
+fn tokenize_inputs(
+    embedder: &dyn Embedder,
+    inputs: &[TextInput],
+    field: &str,
+    options: &EncodeOptions,
+) -> Result<Vec<Tokens>, ApiError> {
+    let max = embedder.max_tokens();
+    let tokens: Vec<Tokens> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| match input {
+            TextInput::Text(s) => embedder
+                .tokenize_at(s, options.prompt.as_deref(), options.side)
+                .map_err(|e| ApiError::validation(format!("{field}[{i}]"), e.to_string())),
+            TextInput::Ids(ids) => {
+                let kept = match options.side {
+                    Some(crate::embedder::Side::Left) => &ids[ids.len().saturating_sub(max)..],
+                    _ => &ids[..ids.len().min(max)],
+                };
+                Ok(Tokens {
+                    ids: kept.to_vec(),
+                    untruncated_len: ids.len(),
+                    prompt_len: 0,
+                })
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    if !options.truncate {
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| t.was_truncated()) {
+            return Err(ApiError::validation(
+                format!("{field}[{i}]"),
+                format!(
+                    "{} tokens, more than the model's maximum of {max}; shorten it or send \"truncate\": true",
+                    t.untruncated_len
+                ),
+            ));
+        }
+    }
+    Ok(tokens)
+}
+
+/// Tokenize, embed and cluster; runs on the compute thread.
+fn cluster_sentences(
+    embedder: &dyn Embedder,
+    request: ClusterRequest,
+    options: EncodeOptions,
+) -> Result<ClusterResponse, ApiError> {
+    let inputs: Vec<TextInput> = request
+        .sentences
+        .iter()
+        .map(|s| TextInput::Text(s.clone()))
+        .collect();
+    let (vectors, _) = encode(embedder, &inputs, "sentences", &options)?;
+    let clustering = match request.algorithm {
+        "agglomerative" => agglomerative(&vectors, request.threshold, request.min_cluster_size),
+        _ => community_detection(&vectors, request.threshold, request.min_cluster_size),
+    };
+    let texts = |idx: &[usize]| -> Vec<String> {
+        idx.iter().map(|&i| request.sentences[i].clone()).collect()
+    };
+    Ok(ClusterResponse {
+        clusters: clustering.clusters.iter().map(|c| texts(c)).collect(),
+        unclustered: texts(&clustering.unclustered),
+        indices: clustering.clusters,
+        unclustered_indices: clustering.unclustered,
+        algorithm: request.algorithm,
+        threshold: request.threshold,
+        min_cluster_size: request.min_cluster_size,
+    })
+}
+
+/// `%2F` and friends as the characters they stand for (a model id such as
+/// `sentence-transformers/all-MiniLM-L6-v2` arrives percent-encoded in the path).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// OpenAI's base64 encoding: the vector's little-endian f32 bytes.
+fn base64_f32(v: &[f32]) -> String {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn embed_error(e: EmbedError) -> ApiError {
+    match e {
+        EmbedError::Tokenize(m) => ApiError::validation("sentences", m),
+        EmbedError::Inference(m) => ApiError::Internal(m),
+    }
+}
+
+fn compute_error(e: ComputeError) -> ApiError {
+    match e {
+        ComputeError::QueueFull => {
+            ApiError::Overloaded("this worker's queue is full; retry shortly".into())
+        }
+        ComputeError::Failed => ApiError::Internal("internal error while computing".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_are_percent_decoded() {
+        assert_eq!(percent_decode("org%2Fname"), "org/name");
+        assert_eq!(percent_decode("a%zz%2"), "a%zz%2");
+    }
+
+    #[test]
+    fn base64_is_little_endian_f32() {
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+    }
+}
