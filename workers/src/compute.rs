@@ -1,47 +1,128 @@
 //! The worker's compute thread: the one place where tokenization, inference and clustering run,
 //! so the I/O loop (accepting, heartbeats, health checks) never waits behind a forward pass.
-//! Jobs queue in a bounded channel; when it is full the request is refused (503) rather than
-//! piling up latency without limit.
+//!
+//! Two kinds of work reach it. **Jobs** (tokenize a request, cluster its vectors) run one after
+//! another, in order. **Embeddings** are batched across requests: while a forward pass runs,
+//! new requests' sentences queue; the next pass takes queued sentences of several requests,
+//! up to `max_batch_tokens` (padded), runs once, and hands each request its rows. Requests with
+//! the fewest tokens left go first, so a one-sentence request on a worker busy with a large job
+//! joins the very next pass instead of waiting for the job to finish; the large job takes what
+//! remains of every pass. A lone request on an idle worker starts at once: there is no batching
+//! window. A request whose client has gone is dropped before its next pass.
+//!
+//! Requests waiting here are bounded (`max_queue`): past it a request is refused (503) rather
+//! than piling up latency without limit.
 
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::embedder::{EmbedError, Embedder, ModelInfo, Side, TokenPiece, Tokens};
+use crate::embedder::{EmbedError, Embedder, Tokens};
 use crate::protocol::{monotonic_ms, SharedMetrics, WorkerSlot};
 
 type Job = Box<dyn FnOnce(&dyn Embedder) + Send>;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ComputeError {
     /// Too many requests are already waiting.
     QueueFull,
-    /// The job panicked, or the compute thread is gone.
+    /// The work panicked, or the compute thread is gone.
     Failed,
+    /// The forward pass failed (not the client's fault).
+    Inference(String),
+}
+
+enum Work {
+    Job(Job),
+    Embed(EmbedTask),
+}
+
+/// One request's sentences, run over one or several passes.
+struct EmbedTask {
+    tokens: Vec<Tokens>,
+    /// Sentence indices, shortest first: consecutive ones pad each other least.
+    order: Vec<usize>,
+    /// How many of `order` have been handed to a pass.
+    next: usize,
+    vectors: Vec<Vec<f32>>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, ComputeError>>,
+}
+
+impl EmbedTask {
+    fn remaining_tokens(&self) -> usize {
+        self.order[self.next..]
+            .iter()
+            .map(|&i| self.tokens[i].len())
+            .sum()
+    }
+
+    fn finished(&self) -> bool {
+        self.next == self.order.len()
+    }
+}
+
+/// Requests submitted and not yet answered, to bound the queue.
+struct Waiting {
+    count: AtomicUsize,
+    max: usize,
+}
+
+/// Releases its place in the queue when the request is answered (or dropped).
+struct Place(Arc<Waiting>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Clone)]
 pub struct Compute {
-    jobs: SyncSender<Job>,
+    work: Sender<Work>,
+    waiting: Arc<Waiting>,
 }
 
 impl Compute {
-    /// Start the compute thread. `pool` runs every job, so that candle's parallel kernels use
-    /// exactly this worker's `threads` and no more.
+    /// Start the compute thread. `pool` runs every job and pass, so that the parallel kernels
+    /// use exactly this worker's `threads` and no more.
     pub fn start(
         embedder: Arc<dyn Embedder>,
         pool: rayon::ThreadPool,
         slot: &'static WorkerSlot,
         metrics: &'static SharedMetrics,
         max_queue: usize,
+        max_batch_tokens: usize,
     ) -> std::io::Result<Compute> {
-        let (jobs, queue) = mpsc::sync_channel::<Job>(max_queue.max(1));
+        let (work, queue) = mpsc::channel::<Work>();
+        let runner = Runner {
+            embedder,
+            slot,
+            metrics,
+            max_batch_tokens: max_batch_tokens.max(1),
+        };
         std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || run_jobs(queue, embedder, pool, slot, metrics))?;
-        Ok(Compute { jobs })
+            .spawn(move || pool.install(|| runner.run(queue)))?;
+        Ok(Compute {
+            work,
+            waiting: Arc::new(Waiting {
+                count: AtomicUsize::new(0),
+                max: max_queue.max(1),
+            }),
+        })
+    }
+
+    /// A place in the queue, or `QueueFull`.
+    fn place(&self) -> Result<Place, ComputeError> {
+        let before = self.waiting.count.fetch_add(1, Ordering::AcqRel);
+        let place = Place(self.waiting.clone());
+        if before >= self.waiting.max {
+            return Err(ComputeError::QueueFull);
+        }
+        Ok(place)
     }
 
     /// Run `f` on the compute thread and wait for its result without blocking the I/O loop.
@@ -50,100 +131,170 @@ impl Compute {
         T: Send + 'static,
         F: FnOnce(&dyn Embedder) -> T + Send + 'static,
     {
+        let _place = self.place()?;
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |embedder| {
             // The requester may have gone (client disconnected); nothing to do then.
             let _ = tx.send(f(embedder));
         });
-        self.jobs.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => ComputeError::QueueFull,
-            TrySendError::Disconnected(_) => ComputeError::Failed,
-        })?;
+        self.work
+            .send(Work::Job(job))
+            .map_err(|_| ComputeError::Failed)?;
         rx.await.map_err(|_| ComputeError::Failed)
     }
-}
 
-fn run_jobs(
-    queue: Receiver<Job>,
-    embedder: Arc<dyn Embedder>,
-    pool: rayon::ThreadPool,
-    slot: &'static WorkerSlot,
-    metrics: &'static SharedMetrics,
-) {
-    while let Ok(job) = queue.recv() {
-        // busy_since lets the master see a computation that makes no progress, even though
-        // this worker's I/O loop keeps beating. It moves on after every batch, so a long but
-        // progressing request is not mistaken for a hang.
-        slot.busy_since_ms.store(monotonic_ms(), Ordering::Release);
-        let embedder = Progress {
-            inner: embedder.as_ref(),
-            slot,
-            metrics,
-        };
-        // A panic is a bug, but it must cost only the request that hit it, not the worker and
-        // every request queued behind it: the job's reply channel is dropped and that request
-        // gets a 500.
-        let outcome = pool
-            .install(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&embedder))));
-        if outcome.is_err() {
-            tracing::error!("a compute job panicked; its request gets a 500");
+    /// Embed tokenized sentences in passes shared with other requests. Returns one vector per
+    /// sentence, in input order, as the model's `embed_batch` gives it.
+    pub async fn embed(&self, tokens: Vec<Tokens>) -> Result<Vec<Vec<f32>>, ComputeError> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
         }
-        slot.busy_since_ms.store(0, Ordering::Release);
+        let _place = self.place()?;
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by_key(|&i| tokens[i].len());
+        let (reply, rx) = oneshot::channel();
+        let task = EmbedTask {
+            vectors: vec![Vec::new(); tokens.len()],
+            tokens,
+            order,
+            next: 0,
+            reply,
+        };
+        self.work
+            .send(Work::Embed(task))
+            .map_err(|_| ComputeError::Failed)?;
+        rx.await.map_err(|_| ComputeError::Failed)?
     }
 }
 
-/// The embedder as jobs see it: every finished batch counts as progress, and is counted in the
-/// server's metrics.
-struct Progress<'a> {
-    inner: &'a dyn Embedder,
+struct Runner {
+    embedder: Arc<dyn Embedder>,
     slot: &'static WorkerSlot,
     metrics: &'static SharedMetrics,
+    max_batch_tokens: usize,
 }
 
-impl Embedder for Progress<'_> {
-    fn info(&self) -> &ModelInfo {
-        self.inner.info()
+impl Runner {
+    fn run(&self, queue: Receiver<Work>) {
+        let mut jobs: VecDeque<Job> = VecDeque::new();
+        let mut tasks: Vec<EmbedTask> = Vec::new();
+        loop {
+            // Block only when there is nothing to do; otherwise take whatever has arrived.
+            if jobs.is_empty() && tasks.is_empty() {
+                match queue.recv() {
+                    Ok(work) => accept(work, &mut jobs, &mut tasks),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(work) = queue.try_recv() {
+                accept(work, &mut jobs, &mut tasks);
+            }
+            // Jobs first: they are short (tokenizing a request, clustering its vectors), and a
+            // request tokenized now joins the coming pass.
+            while let Some(job) = jobs.pop_front() {
+                self.guarded(|| job(self.embedder.as_ref()));
+                while let Ok(work) = queue.try_recv() {
+                    accept(work, &mut jobs, &mut tasks);
+                }
+            }
+            // The clients that left take their sentences with them.
+            tasks.retain(|t| !t.reply.is_closed());
+            if !tasks.is_empty() {
+                self.pass(&mut tasks);
+            }
+        }
     }
-    fn tokenize_at(
-        &self,
-        text: &str,
-        prompt: Option<&str>,
-        side: Option<Side>,
-    ) -> Result<Tokens, EmbedError> {
-        self.inner.tokenize_at(text, prompt, side)
-    }
-    fn embed_tokens(&self, batch: &[&Tokens]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
-        let out = self.inner.embed_tokens(batch);
-        self.progressed(batch);
-        out
-    }
-    fn pieces(
-        &self,
-        text: &str,
-        prompt: Option<&str>,
-        add_special_tokens: bool,
-    ) -> Result<Vec<TokenPiece>, EmbedError> {
-        self.inner.pieces(text, prompt, add_special_tokens)
-    }
-    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, EmbedError> {
-        self.inner.decode(ids, skip_special_tokens)
-    }
-    fn embed_batch(&self, batch: &[&Tokens]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let out = self.inner.embed_batch(batch);
-        self.progressed(batch);
-        out
-    }
-}
 
-impl Progress<'_> {
-    /// A forward pass finished: count it, and move the busy mark on.
-    fn progressed(&self, batch: &[&Tokens]) {
-        let tokens: usize = batch.iter().map(|t| t.len()).sum();
-        let longest = batch.iter().map(|t| t.len()).max().unwrap_or(0);
-        self.metrics
-            .count_batch(batch.len(), tokens, longest * batch.len());
+    /// Run `f` as one unit of work: its start and end move the busy mark the master watches,
+    /// and a panic costs only the requests it was serving.
+    fn guarded<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        // busy_since lets the master see a computation that makes no progress, even though
+        // this worker's I/O loop keeps beating. It moves on after every pass and job, so a
+        // long but progressing request is not mistaken for a hang.
         self.slot
             .busy_since_ms
             .store(monotonic_ms(), Ordering::Release);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        self.slot.busy_since_ms.store(0, Ordering::Release);
+        if outcome.is_err() {
+            tracing::error!("a computation panicked; the requests it served get a 500");
+        }
+        outcome.ok()
+    }
+
+    /// One forward pass over sentences of several requests, fewest tokens left first.
+    fn pass(&self, tasks: &mut Vec<EmbedTask>) {
+        tasks.sort_by_key(EmbedTask::remaining_tokens);
+        // (task, sentence) pairs of this pass.
+        let mut picked: Vec<(usize, usize)> = Vec::new();
+        let mut longest = 0;
+        'fill: for (t, task) in tasks.iter_mut().enumerate() {
+            while !task.finished() {
+                let i = task.order[task.next];
+                let len = task.tokens[i].len().max(1);
+                let padded = longest.max(len) * (picked.len() + 1);
+                // A sentence longer than the budget still runs, alone.
+                if padded > self.max_batch_tokens && !picked.is_empty() {
+                    break 'fill;
+                }
+                longest = longest.max(len);
+                picked.push((t, i));
+                task.next += 1;
+            }
+        }
+        let batch: Vec<&Tokens> = picked.iter().map(|&(t, i)| &tasks[t].tokens[i]).collect();
+        let result = self.guarded(|| self.embedder.embed_batch(&batch));
+        let requests = {
+            let mut ts: Vec<usize> = picked.iter().map(|&(t, _)| t).collect();
+            ts.dedup();
+            ts.len()
+        };
+        let tokens: usize = batch.iter().map(|t| t.len()).sum();
+        let padded = match self.embedder.info().padded_batches {
+            true => batch.iter().map(|t| t.len()).max().unwrap_or(0) * batch.len(),
+            false => tokens,
+        };
+        self.metrics
+            .count_batch(batch.len(), requests, tokens, padded);
+        match result {
+            Some(Ok(vectors)) => {
+                for ((t, i), v) in picked.into_iter().zip(vectors) {
+                    tasks[t].vectors[i] = v;
+                }
+            }
+            failed => {
+                let error = match failed {
+                    Some(Err(EmbedError::Inference(m) | EmbedError::Tokenize(m))) => {
+                        ComputeError::Inference(m)
+                    }
+                    _ => ComputeError::Failed,
+                };
+                let mut hit: Vec<usize> = picked.iter().map(|&(t, _)| t).collect();
+                hit.dedup();
+                // Every request in the failed pass gets the error; its other sentences stop.
+                for &t in hit.iter().rev() {
+                    let task = tasks.swap_remove(t);
+                    let _ = task.reply.send(Err(error.clone()));
+                }
+                return;
+            }
+        }
+        // Answer the requests whose every sentence has run.
+        let mut t = 0;
+        while t < tasks.len() {
+            if tasks[t].finished() {
+                let task = tasks.swap_remove(t);
+                let _ = task.reply.send(Ok(task.vectors));
+            } else {
+                t += 1;
+            }
+        }
+    }
+}
+
+fn accept(work: Work, jobs: &mut VecDeque<Job>, tasks: &mut Vec<EmbedTask>) {
+    match work {
+        Work::Job(job) => jobs.push_back(job),
+        Work::Embed(task) => tasks.push(task),
     }
 }

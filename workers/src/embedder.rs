@@ -39,6 +39,9 @@ pub struct ModelInfo {
     pub normalized: bool,
     /// Token ids are below this.
     pub vocab_size: usize,
+    /// The forward pass pads a batch to its longest sentence (candle's); false for forkserve's
+    /// own, which packs sentences without padding.
+    pub padded_batches: bool,
 }
 
 impl ModelInfo {

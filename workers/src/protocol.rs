@@ -196,6 +196,8 @@ pub struct SharedMetrics {
     pub latency: [Histogram<{ LATENCY_BUCKETS.len() }>; Route::COUNT],
     /// Sentences per forward pass.
     pub batch_size: Histogram<{ BATCH_BUCKETS.len() }>,
+    /// Requests sharing a forward pass.
+    pub batch_requests: Histogram<{ BATCH_BUCKETS.len() }>,
     /// Real tokens run through the model.
     pub tokens: AtomicU64,
     /// Tokens including padding (the compute actually spent).
@@ -210,6 +212,7 @@ impl Default for SharedMetrics {
             requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             latency: std::array::from_fn(|_| Histogram::default()),
             batch_size: Histogram::default(),
+            batch_requests: Histogram::default(),
             tokens: AtomicU64::new(0),
             padded_tokens: AtomicU64::new(0),
             restarts: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -236,8 +239,9 @@ impl SharedMetrics {
             .sum()
     }
 
-    pub fn count_batch(&self, sentences: usize, tokens: usize, padded: usize) {
+    pub fn count_batch(&self, sentences: usize, requests: usize, tokens: usize, padded: usize) {
         self.batch_size.observe(&BATCH_BUCKETS, sentences as f64);
+        self.batch_requests.observe(&BATCH_BUCKETS, requests as f64);
         self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         self.padded_tokens
             .fetch_add(padded as u64, Ordering::Relaxed);

@@ -268,11 +268,18 @@ async fn boot(
         tracing::warn!(delay = ?settings.boot_delay, "testing: delaying boot (boot_delay)");
         tokio::time::sleep(settings.boot_delay).await;
     }
-    let compute =
-        Compute::start(embedder, pool, slot, board.metrics, settings.max_queue).map_err(|e| {
-            tracing::error!(error = %e, "cannot start the compute thread");
-            WORKER_BOOT_ERROR
-        })?;
+    let compute = Compute::start(
+        embedder,
+        pool,
+        slot,
+        board.metrics,
+        settings.max_queue,
+        settings.max_batch_tokens,
+    )
+    .map_err(|e| {
+        tracing::error!(error = %e, "cannot start the compute thread");
+        WORKER_BOOT_ERROR
+    })?;
     warm_up(&compute).await.map_err(|e| {
         tracing::error!(error = %e, "warm-up inference failed");
         APP_LOAD_ERROR

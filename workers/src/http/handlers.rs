@@ -19,11 +19,12 @@ use super::types::{
 };
 use crate::cluster::{agglomerative, community_detection};
 use crate::compute::ComputeError;
-use crate::embedder::{embed_all, unit_length, EmbedError, Embedder, Tokens};
+use crate::embedder::{unit_length, EmbedError, Embedder, Tokens};
 
 type Reply = Result<Response<Full<Bytes>>, ApiError>;
 
 /// How `encode` runs for one request.
+#[derive(Clone)]
 pub(super) struct EncodeOptions {
     /// Text prepended to every sentence (the resolved prompt).
     prompt: Option<String>,
@@ -34,7 +35,6 @@ pub(super) struct EncodeOptions {
     normalize: bool,
     /// Keep the first values only (Matryoshka), before normalising.
     dimensions: Option<usize>,
-    max_batch_tokens: usize,
 }
 
 impl App {
@@ -57,19 +57,52 @@ impl App {
             side,
             normalize,
             dimensions: None,
-            max_batch_tokens: self.settings.max_batch_tokens,
         })
+    }
+
+    /// Tokenize (on the compute thread, refusing over-long input unless `truncate`), embed in
+    /// passes shared with other requests, cut to `dimensions`, optionally normalise. Returns
+    /// the vectors and the number of tokens the model saw.
+    async fn encode(
+        &self,
+        inputs: Vec<TextInput>,
+        field: &'static str,
+        options: EncodeOptions,
+    ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+        let tokenizing = options.clone();
+        let tokens = self
+            .compute
+            .run(move |embedder| tokenize_inputs(embedder, &inputs, field, &tokenizing))
+            .await
+            .map_err(compute_error)??;
+        let seen = tokens.iter().map(Tokens::len).sum();
+        let mut vectors = self.compute.embed(tokens).await.map_err(compute_error)?;
+        for v in &mut vectors {
+            if let Some(d) = options.dimensions {
+                v.truncate(d);
+            }
+            if options.normalize {
+                unit_length(v);
+            }
+        }
+        Ok((vectors, seen))
     }
 
     pub(super) async fn cluster(&self, body: Value) -> Reply {
         let request = parse_cluster_request(body, self.limits(), &self.settings.cluster)?;
         // Cosine similarity, as community_detection computes it: unit vectors.
         let options = self.options(request.prompt_name.as_deref(), true, None, true)?;
+        let inputs = request
+            .sentences
+            .iter()
+            .map(|s| TextInput::Text(s.clone()))
+            .collect();
+        let (vectors, _) = self.encode(inputs, "sentences", options).await?;
         let response = self
             .compute
-            .run(move |embedder| cluster_sentences(embedder, request, options))
+            .run(move |_| cluster_sentences(&vectors, request))
             .await
-            .map_err(compute_error)??;
+            .map_err(compute_error)?;
         Ok(json_response(StatusCode::OK, &response))
     }
 
@@ -85,12 +118,7 @@ impl App {
             request.normalize,
         )?;
         options.dimensions = request.dimensions;
-        let inputs = request.inputs;
-        let (vectors, _) = self
-            .compute
-            .run(move |embedder| encode(embedder, &inputs, "inputs", &options))
-            .await
-            .map_err(compute_error)??;
+        let (vectors, _) = self.encode(request.inputs, "inputs", options).await?;
         if request.base64 {
             let encoded: Vec<String> = vectors.iter().map(|v| base64_f32(v)).collect();
             return Ok(json_response(StatusCode::OK, &encoded));
@@ -131,11 +159,7 @@ impl App {
         )?;
         let mut texts = vec![TextInput::Text(request.source)];
         texts.extend(request.sentences.into_iter().map(TextInput::Text));
-        let (vectors, _) = self
-            .compute
-            .run(move |embedder| encode(embedder, &texts, "inputs.sentences", &options))
-            .await
-            .map_err(compute_error)??;
+        let (vectors, _) = self.encode(texts, "inputs.sentences", options).await?;
         let (source, others) = vectors
             .split_first()
             .ok_or(ApiError::Internal("no vector".into()))?;
@@ -217,12 +241,7 @@ impl App {
             self.model.normalized,
         )?;
         options.dimensions = request.dimensions;
-        let input = request.input;
-        let (vectors, tokens) = self
-            .compute
-            .run(move |embedder| encode(embedder, &input, "input", &options))
-            .await
-            .map_err(compute_error)??;
+        let (vectors, tokens) = self.encode(request.input, "input", options).await?;
         let data = vectors
             .into_iter()
             .enumerate()
@@ -291,36 +310,6 @@ impl App {
     }
 }
 
-/// Tokenize (refusing over-long input unless `truncate`), embed, cut to `dimensions`,
-/// optionally normalise; runs on the compute thread. Returns the vectors and the number of
-/// tokens the model saw.
-fn encode(
-    embedder: &dyn Embedder,
-    inputs: &[TextInput],
-    field: &str,
-    options: &EncodeOptions,
-) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
-    let tokens = tokenize_inputs(embedder, inputs, field, options)?;
-    let seen = tokens.iter().map(Tokens::len).sum();
-    let normalize_in_pass = options.normalize && options.dimensions.is_none();
-    let mut vectors = embed_all(
-        embedder,
-        &tokens,
-        options.max_batch_tokens,
-        normalize_in_pass,
-    )
-    .map_err(embed_error)?;
-    if let Some(d) = options.dimensions {
-        for v in &mut vectors {
-            v.truncate(d);
-            if options.normalize {
-                unit_length(v);
-            }
-        }
-    }
-    Ok((vectors, seen))
-}
-
 /// Texts through the tokenizer (with the prompt), token ids as given (cut to the model's
 /// maximum); over-long input is a 422 naming it unless `truncate`.
 fn tokenize_inputs(
@@ -364,26 +353,16 @@ fn tokenize_inputs(
     Ok(tokens)
 }
 
-/// Tokenize, embed and cluster; runs on the compute thread.
-fn cluster_sentences(
-    embedder: &dyn Embedder,
-    request: ClusterRequest,
-    options: EncodeOptions,
-) -> Result<ClusterResponse, ApiError> {
-    let inputs: Vec<TextInput> = request
-        .sentences
-        .iter()
-        .map(|s| TextInput::Text(s.clone()))
-        .collect();
-    let (vectors, _) = encode(embedder, &inputs, "sentences", &options)?;
+/// Cluster unit vectors; runs on the compute thread.
+fn cluster_sentences(vectors: &[Vec<f32>], request: ClusterRequest) -> ClusterResponse {
     let clustering = match request.algorithm {
-        "agglomerative" => agglomerative(&vectors, request.threshold, request.min_cluster_size),
-        _ => community_detection(&vectors, request.threshold, request.min_cluster_size),
+        "agglomerative" => agglomerative(vectors, request.threshold, request.min_cluster_size),
+        _ => community_detection(vectors, request.threshold, request.min_cluster_size),
     };
     let texts = |idx: &[usize]| -> Vec<String> {
         idx.iter().map(|&i| request.sentences[i].clone()).collect()
     };
-    Ok(ClusterResponse {
+    ClusterResponse {
         clusters: clustering.clusters.iter().map(|c| texts(c)).collect(),
         unclustered: texts(&clustering.unclustered),
         indices: clustering.clusters,
@@ -391,7 +370,7 @@ fn cluster_sentences(
         algorithm: request.algorithm,
         threshold: request.threshold,
         min_cluster_size: request.min_cluster_size,
-    })
+    }
 }
 
 /// `%2F` and friends as the characters they stand for (a model id such as
@@ -438,6 +417,7 @@ fn compute_error(e: ComputeError) -> ApiError {
             ApiError::Overloaded("this worker's queue is full; retry shortly".into())
         }
         ComputeError::Failed => ApiError::Internal("internal error while computing".into()),
+        ComputeError::Inference(m) => ApiError::Internal(format!("inference failed: {m}")),
     }
 }
 

@@ -73,6 +73,19 @@ pub fn render(board: &Board) -> String {
     );
     header(
         &mut out,
+        "forkserve_inference_batch_requests",
+        "histogram",
+        "Requests sharing a forward pass (batching across requests).",
+    );
+    histogram(
+        &mut out,
+        "forkserve_inference_batch_requests",
+        "",
+        &m.batch_requests,
+        &BATCH_BUCKETS,
+    );
+    header(
+        &mut out,
         "forkserve_inference_tokens_total",
         "counter",
         "Real tokens run through the model.",
@@ -86,7 +99,7 @@ pub fn render(board: &Board) -> String {
         &mut out,
         "forkserve_inference_padded_tokens_total",
         "counter",
-        "Tokens including batch padding.",
+        "Tokens the forward passes computed: padding included for a backend that pads (candle), the real tokens for the default one, which never pads.",
     );
     let _ = writeln!(
         out,
@@ -222,7 +235,7 @@ mod tests {
         metrics.count_request(Route::Cluster.index(), 200, 0.02);
         metrics.count_request(Route::Cluster.index(), 200, 0.2);
         metrics.count_request(Route::Embed.index(), 422, 0.001);
-        metrics.count_batch(9, 69, 81);
+        metrics.count_batch(9, 2, 69, 81);
         metrics.count_restart("max_requests");
         let text = render(&Board { slots, metrics });
         for line in [
