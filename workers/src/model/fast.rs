@@ -145,15 +145,26 @@ impl FastEncoder {
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = format!("encoder.layer.{i}.");
+            let mut tensors = |name: &str,
+                               inputs: usize,
+                               outputs: usize|
+             -> Result<(Vec<f32>, Vec<f32>), String> {
+                let w = take(&format!("{p}{name}.weight"), &[outputs, inputs])?;
+                let b = take(&format!("{p}{name}.bias"), &[outputs])?;
+                Ok((w, b))
+            };
+            let (q, k, v) = (
+                tensors(names.q, hidden, hidden)?,
+                tensors(names.k, hidden, hidden)?,
+                tensors(names.v, hidden, hidden)?,
+            );
+            // Q, K and V as one product: one pass over the activations instead of three.
+            let qkv = Linear::from_torch_parts(&[(&q.0, &q.1), (&k.0, &k.1), (&v.0, &v.1)], hidden);
             let mut linear =
                 |name: &str, inputs: usize, outputs: usize| -> Result<Linear, String> {
-                    let w = take(&format!("{p}{name}.weight"), &[outputs, inputs])?;
-                    let b = take(&format!("{p}{name}.bias"), &[outputs])?;
+                    let (w, b) = tensors(name, inputs, outputs)?;
                     Ok(Linear::from_torch(&w, b, inputs, outputs))
                 };
-            let q = linear(names.q, hidden, hidden)?;
-            let k = linear(names.k, hidden, hidden)?;
-            let v = linear(names.v, hidden, hidden)?;
             let attention_out = linear(names.attention_out, hidden, hidden)?;
             let intermediate = linear("intermediate.dense", hidden, inter)?;
             let output = linear("output.dense", inter, hidden)?;
@@ -164,7 +175,7 @@ impl FastEncoder {
                 })
             };
             layers.push(Layer {
-                qkv: Linear::concat(&[q, k, v]),
+                qkv,
                 attention_out,
                 attention_norm: norm(names.attention_norm)?,
                 intermediate,

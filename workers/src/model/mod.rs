@@ -160,6 +160,7 @@ impl SentenceEncoder {
             similarity: spec.similarity,
             normalized,
             vocab_size: config.vocab,
+            padded_batches: backend == Backend::Candle,
         };
         tracing::debug!(tokenizer = %tokenizer.class, ?info, "model read");
         Ok(SentenceEncoder {
