@@ -5,7 +5,7 @@ handler, `util.community_detection`. Served by gunicorn with uvicorn workers
 (gunicorn.conf.py). Used only by the benchmark.
 """
 import os
-from typing import List
+from typing import List, Union
 
 import torch
 from fastapi import FastAPI
@@ -35,6 +35,20 @@ def cluster(request: ClusterRequest):
         embeddings, threshold=request.threshold, min_community_size=request.min_cluster_size
     )
     return {"clusters": [[request.sentences[i] for i in c] for c in communities], "indices": communities}
+
+
+class EmbedRequest(BaseModel):
+    inputs: Union[str, List[str]]
+    normalize: bool = True
+
+
+@app.post("/embed")
+def embed(request: EmbedRequest):
+    """text-embeddings-inference's shape, for the one-sentence concurrency benchmark."""
+    texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+    with torch.no_grad():
+        vectors = model.encode(texts, normalize_embeddings=request.normalize)
+    return vectors.tolist()
 
 
 @app.get("/health")

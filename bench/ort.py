@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""forkserve against ONNX Runtime, the engine users pick for CPU embedding (what
+text-embeddings-inference's ORT backend and fastembed run), and the concurrency table.
+
+    target/bench-venv/bin/python bench/ort.py             # run by `make bench`
+    target/bench-venv/bin/python bench/ort.py --quick     # fewer repeats, shorter wrk runs
+
+1. Exports the model to ONNX itself (torch.onnx.export of the transformer, then ORT's
+   transformer optimizer, as ORT's documentation recommends for BERT-like models), under
+   target/bench-models/<model>-onnx/, once.
+2. Checks ORT's embeddings against tests/data/reference/ (cos >= 0.9999) before timing
+   anything: a fast wrong answer is not a result.
+3. Latency, side by side: forkserve's POST /embed over HTTP (one worker, `threads` = 1 or 2)
+   against ORT in-process (tokenize + run + mean pooling + normalize, intra-op threads = 1 or
+   2), for 1, 8, 32 and 128 distinct short titles, alternating the two on every repeat;
+   medians and their ratio.
+4. Concurrency: one-sentence POST /embed and the seed POST /cluster at 1, 4 and 32 connections
+   (wrk), forkserve against the Python stack, one worker each on one core (forkserve
+   `threads = 1`, torch `OMP_NUM_THREADS=1`).
+5. The CPU's clock, measured with a chain of dependent adds (one cycle each), so the share of
+   peak uses the clock the core really ran at rather than a nominal frequency.
+
+Writes bench/results/ort.json and bench/results/ort.md.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import http.client
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import (  # noqa: E402
+    MODEL, RESULTS, ROOT, Server, forward_flops, machine, parse_wrk, token_lengths,
+)
+
+ONNX_DIR = os.path.join(ROOT, "target", "bench-models")
+REFERENCE = os.path.join(ROOT, "tests", "data", "reference")
+SIZES = [1, 8, 32, 128]
+TITLE_WORDS = ("river garden morning quiet engineer music coffee market winter student ancient "
+               "city bright forest paper window travel kitchen lesson ocean planet careful doctor "
+               "evening story mountain simple yellow history museum bridge letter").split()
+
+
+def titles(n, salt):
+    """n distinct short titles (4-6 words), different for every `salt`: no cache can help."""
+    out = []
+    for i in range(n):
+        k = salt * 1009 + i * 13
+        words = [TITLE_WORDS[(k + j * 7) % len(TITLE_WORDS)] for j in range(4 + i % 3)]
+        out.append(" ".join(words).capitalize() + f" {salt}-{i}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU clock
+
+
+CLOCK_C = r"""
+#include <stdio.h>
+#include <stdint.h>
+#include <time.h>
+/* A chain of dependent integer adds retires one per cycle on every x86 core of the last
+   decade; the compiler must not fold it, hence the empty asm that hides x's value. */
+int main(void) {
+    const uint64_t n = 400000000ull;
+    struct timespec a, b;
+    uint64_t x = 0;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (uint64_t i = 0; i < n; i += 8) {
+        __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+                         "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
+    printf("%.1f\n", (double)x / s / 1e6);
+    return 0;
+}
+"""
+
+
+def measured_mhz():
+    """The core's clock under load, in MHz: the median of 5 runs of the add chain (gcc)."""
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = os.path.join(d, "clock.c"), os.path.join(d, "clock")
+        with open(src, "w") as f:
+            f.write(CLOCK_C)
+        subprocess.run(["gcc", "-O1", "-o", exe, src], check=True)
+        return statistics.median(float(subprocess.run([exe], capture_output=True, text=True, check=True).stdout)
+                                 for _ in range(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+def export(model_dir):
+    """The model's transformer as ONNX, optimized by ORT's transformer optimizer; built once."""
+    name = os.path.basename(os.path.normpath(model_dir))
+    out_dir = os.path.join(ONNX_DIR, f"{name}-onnx")
+    optimized = os.path.join(out_dir, "model.optimized.onnx")
+    if os.path.exists(optimized):
+        return optimized
+    os.makedirs(out_dir, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel
+    from onnxruntime.transformers import optimizer
+
+    class Transformer(torch.nn.Module):
+        """The encoder with named inputs and one output: transformers' positional order varies."""
+
+        def __init__(self):
+            super().__init__()
+            # Eager attention: the pattern ORT's optimizer fuses into its Attention operator.
+            self.inner = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    model = Transformer().eval()
+    ids = torch.ones((2, 8), dtype=torch.long)
+    mask = torch.ones((2, 8), dtype=torch.long)
+    types = torch.zeros((2, 8), dtype=torch.long)
+    raw = os.path.join(out_dir, "model.onnx")
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+            "token_type_ids": {0: "batch", 1: "seq"}, "last_hidden_state": {0: "batch", 1: "seq"}}
+    with torch.no_grad():
+        torch.onnx.export(model, (ids, mask, types), raw, dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["last_hidden_state"], dynamic_axes=axes)
+    cfg = model.inner.config
+    opt = optimizer.optimize_model(raw, model_type="bert", num_heads=cfg.num_attention_heads,
+                                   hidden_size=cfg.hidden_size)
+    opt.save_model_to_file(optimized)
+    return optimized
+
+
+class OrtEncoder:
+    """What an ORT user runs: the model's own tokenizer, the session, mean pooling, normalize."""
+
+    def __init__(self, onnx_path, model_dir, threads):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+        with open(os.path.join(model_dir, "sentence_bert_config.json")) as f:
+            max_len = json.load(f).get("max_seq_length", 256)
+        self.tokenizer.enable_truncation(max_length=max_len)
+        self.tokenizer.enable_padding()
+
+    def encode(self, texts):
+        import numpy as np
+
+        enc = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.inputs:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        hidden = self.session.run(None, feed)[0]
+        m = mask[..., None].astype(np.float32)
+        pooled = (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+        return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+
+
+def check_fidelity(encoder, model_name):
+    """Minimum cosine of ORT's embeddings against sentence-transformers' recorded ones."""
+    import numpy as np
+
+    with open(os.path.join(REFERENCE, f"{model_name}.json")) as f:
+        recorded = json.load(f)
+    texts = recorded["sentences"]
+    ref = np.array(recorded["embeddings"], dtype=np.float32)
+    got = encoder.encode(texts)
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    return float((got * ref).sum(1).min())
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections
+
+
+def embed(conn, texts):
+    conn.request("POST", "/embed", json.dumps({"inputs": texts}), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    body = r.read()
+    if r.status != 200:
+        raise RuntimeError(f"/embed answered {r.status}: {body[:200]!r}")
+
+
+def section_latency(onnx_path, model_dir, threads_list, sizes, repeats):
+    rows = []
+    for threads in threads_list:
+        server = Server("forkserve", 1, threads=threads, model=model_dir)
+        try:
+            server.wait_first_ok()
+            ort_enc = OrtEncoder(onnx_path, model_dir, threads)
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+            for n in sizes:
+                warm = titles(n, 10_000 + n)
+                embed(conn, warm)
+                ort_enc.encode(warm)
+                fs, ort_ms = [], []
+                for rep in range(repeats):
+                    texts = titles(n, rep * 7 + n)
+                    # Alternate which goes first so drift on a shared machine hits both.
+                    order = ["fs", "ort"] if rep % 2 == 0 else ["ort", "fs"]
+                    for who in order:
+                        t = time.perf_counter()
+                        if who == "fs":
+                            embed(conn, texts)
+                            fs.append((time.perf_counter() - t) * 1000)
+                        else:
+                            ort_enc.encode(texts)
+                            ort_ms.append((time.perf_counter() - t) * 1000)
+                lengths = token_lengths(server.port, titles(n, 0))
+                row = {"threads": threads, "sentences": n, "tokens": sum(lengths),
+                       "gflop": forward_flops(lengths, model_dir) / 1e9,
+                       "forkserve_ms": statistics.median(fs), "ort_ms": statistics.median(ort_ms),
+                       "forkserve_runs_ms": fs, "ort_runs_ms": ort_ms}
+                row["ratio"] = row["forkserve_ms"] / row["ort_ms"]
+                rows.append(row)
+                print(f"  threads {threads}, {n:4} sentences: forkserve {row['forkserve_ms']:8.2f} ms, "
+                      f"ORT {row['ort_ms']:8.2f} ms, ratio {row['ratio']:.2f}", flush=True)
+            conn.close()
+        finally:
+            server.stop()
+    return rows
+
+
+def wrk(server, script, path, connections, seconds):
+    cmd = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+           "--timeout", "30s", "-s", os.path.join(ROOT, "bench", "wrk", script),
+           f"http://127.0.0.1:{server.port}{path}"]
+    return parse_wrk(subprocess.run(cmd, capture_output=True, text=True).stdout)
+
+
+def section_concurrency(model_dir, connections, seconds):
+    """One worker on one core per stack; requests/s and p50/p99 under wrk."""
+    rows = []
+    kinds = ["forkserve", "python"]
+    os.environ["OMP_NUM_THREADS"] = "1"  # the Python stack's worker: one core, like forkserve's
+    servers = {}
+    try:
+        for kind in kinds:
+            servers[kind] = Server(kind, 1, threads=1, model=model_dir)
+            servers[kind].wait_first_ok()
+        for request, script, path in [("one sentence /embed", "embed_one.lua", "/embed"),
+                                      ("seed /cluster (9 titles)", "cluster.lua", "/cluster")]:
+            for c in connections:
+                row = {"request": request, "connections": c}
+                for kind in kinds:
+                    row[kind] = wrk(servers[kind], script, path, c, seconds)
+                rows.append(row)
+                print(f"  {request}, {c:2} connections: " + ", ".join(
+                    f"{k} {row[k]['requests_per_s']} req/s (p50 {row[k]['latency_ms'].get('p50')} ms)"
+                    for k in kinds), flush=True)
+        rows.append({"metrics": metrics_batches(servers["forkserve"].port)})
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+        for s in servers.values():
+            s.stop()
+    return rows
+
+
+def section_head_of_line(model_dir):
+    """A one-word /embed sent 0.5 s into a /cluster of 400 sentences of ~250 tokens (0.5 MB),
+    one worker, threads = 1, default max_batch_tokens: its latency, against the time of one
+    full pass (a lone /embed of as many of those sentences as fill max_batch_tokens)."""
+    import threading
+
+    words = TITLE_WORDS
+    long_text = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(240)) + f" {i}." for i in range(400)]
+    server = Server("forkserve", 1, threads=1, model=model_dir)
+    try:
+        server.wait_first_ok()
+        port = server.port
+        per_pass = max(1, 8192 // max(token_lengths(port, long_text[:1])))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        embed(conn, long_text[:per_pass])  # warm
+        passes = []
+        for i in range(3):
+            t = time.perf_counter()
+            embed(conn, long_text[per_pass * (i + 1):per_pass * (i + 2)])
+            passes.append((time.perf_counter() - t) * 1000)
+        big = {}
+
+        def run_big():
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            t = time.perf_counter()
+            c.request("POST", "/cluster", json.dumps({"sentences": long_text}), {"Content-Type": "application/json"})
+            r = c.getresponse()
+            r.read()
+            big["status"], big["ms"] = r.status, (time.perf_counter() - t) * 1000
+
+        th = threading.Thread(target=run_big)
+        th.start()
+        time.sleep(0.5)
+        t = time.perf_counter()
+        embed(conn, ["coffee"])
+        small_ms = (time.perf_counter() - t) * 1000
+        th.join()
+        conn.close()
+        row = {"pass_sentences": per_pass, "pass_ms": statistics.median(passes), "small_ms": small_ms,
+               "big_ms": big.get("ms"), "big_status": big.get("status")}
+        row["small_in_passes"] = small_ms / row["pass_ms"]
+        print(f"  head of line: one word answered in {small_ms:.0f} ms = {row['small_in_passes']:.2f} passes "
+              f"of {row['pass_ms']:.0f} ms, while the 400-sentence /cluster took {row['big_ms']:.0f} ms", flush=True)
+        return row
+    finally:
+        server.stop()
+
+
+def metrics_batches(port):
+    """forkserve's histogram of requests per forward pass, from /metrics, after the runs."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return [line for line in text.splitlines() if line.startswith("forkserve_inference_batch_requests")]
+
+
+def report(result):
+    m = result["machine"]
+    out = [f"# forkserve vs ONNX Runtime ({result['model']})", "",
+           f"Machine: {m['cpus']} × {m['cpu_model']}, {m['simd']}, clock measured {result['mhz']:.0f} MHz "
+           f"(dependent-add chain), so one core's f32 peak is {result['peak_gflops']:.1f} GFLOP/s "
+           f"({m['flop_per_cycle']} flop/cycle). ORT {result['ort_version']}, embeddings checked first: "
+           f"min cos {result['ort_min_cos']:.6f} against sentence-transformers.", "",
+           "## Latency: forkserve POST /embed over HTTP vs ORT in-process (median)", "",
+           "| threads | sentences | tokens | forkserve | ORT | forkserve / ORT | forkserve share of peak |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["latency"]:
+        share = r["gflop"] / (r["forkserve_ms"] / 1000) / (result["peak_gflops"] * r["threads"])
+        out.append(f"| {r['threads']} | {r['sentences']} | {r['tokens']} | {r['forkserve_ms']:.2f} ms | "
+                   f"{r['ort_ms']:.2f} ms | {r['ratio']:.2f} | {share:.0%} |")
+    out += ["", "Ratio below 1: forkserve is faster (its time includes HTTP and JSON; ORT's does not).", "",
+            "## Concurrency: one worker on one core per stack (wrk, req/s, p50 / p99 ms)", "",
+            "| request | connections | forkserve | Python stack | forkserve / Python |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for r in result["concurrency"]:
+        if "request" not in r:
+            continue
+        f, p = r["forkserve"], r["python"]
+
+        def cell(x):
+            lat = x["latency_ms"]
+            return f"{x['requests_per_s'] or 0:.0f} ({lat.get('p50', 0):.0f} / {lat.get('p99', 0):.0f})"
+        ratio = (f["requests_per_s"] or 0) / (p["requests_per_s"] or float("nan"))
+        out.append(f"| {r['request']} | {r['connections']} | {cell(f)} | {cell(p)} | {ratio:.2f} |")
+    batches = [r["metrics"] for r in result["concurrency"] if "metrics" in r]
+    if batches:
+        out += ["", "forkserve's requests per forward pass over these runs (`/metrics`):", "", "```"]
+        out += batches[0] + ["```"]
+    h = result.get("head_of_line")
+    if h:
+        out += ["", "## A small request behind a large one (one worker, threads = 1, max_batch_tokens 8192)", "",
+                f"A one-word POST /embed sent 0.5 s into a POST /cluster of 400 sentences of ~250 tokens: "
+                f"answered in {h['small_ms']:.0f} ms, {h['small_in_passes']:.2f}× one full pass "
+                f"({h['pass_sentences']} of those sentences: {h['pass_ms']:.0f} ms), while the /cluster took "
+                f"{h['big_ms']:.0f} ms in all."]
+    out += ["", f"Reproduce: `{result['command']}`"]
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="ort")
+    args = ap.parse_args()
+    import onnxruntime
+
+    model_name = os.path.basename(os.path.normpath(args.model))
+    onnx_path = export(args.model)
+    min_cos = check_fidelity(OrtEncoder(onnx_path, args.model, 1), model_name)
+    print(f"ORT {onnxruntime.__version__}: min cos {min_cos:.6f} against the reference", flush=True)
+    if min_cos < 0.9999:
+        sys.exit(f"ORT's export of {model_name} disagrees with sentence-transformers (min cos {min_cos}); not timing it")
+    mhz = measured_mhz()
+    m = machine()
+    result = {"model": model_name, "machine": m, "mhz": mhz, "peak_gflops": mhz / 1000 * m["flop_per_cycle"],
+              "ort_version": onnxruntime.__version__, "ort_min_cos": min_cos,
+              "command": "target/bench-venv/bin/python bench/ort.py" + (" --quick" if args.quick else "")}
+    print(f"clock {mhz:.0f} MHz measured; peak {result['peak_gflops']:.1f} GFLOP/s per core", flush=True)
+    result["latency"] = section_latency(onnx_path, args.model, [1, 2], SIZES, 7 if args.quick else 21)
+    result["concurrency"] = section_concurrency(args.model, [1, 4, 32], 5 if args.quick else 15)
+    result["head_of_line"] = section_head_of_line(args.model)
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{args.out}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    text = report(result)
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
