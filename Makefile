@@ -86,11 +86,12 @@ release: ## Release tarball: binary, config, systemd units, README (target/dist/
 	tar -C $(dir $(DIST)) -czf $(DIST).tar.gz $(notdir $(DIST))
 	@echo "$(DIST).tar.gz"
 
-bench: test-models build ## forkserve vs the Python stack, side by side, both bundled models: bench/results/
+bench: test-models build ## forkserve vs the Python stack and ONNX Runtime, side by side, both bundled models: bench/results/
 	@scripts/bench-deps.sh
 	target/bench-venv/bin/python bench/bench.py
 	target/bench-venv/bin/python bench/bench.py --model all-mpnet-base-v2 --sections memory,latency --batches 1,9,32 --out bench-mpnet
 	target/bench-venv/bin/python bench/backends.py
+	target/bench-venv/bin/python bench/ort.py
 
 bench-quick: model build ## forkserve alone, one setting per section (< 3 min)
 	@scripts/bench-deps.sh --quick

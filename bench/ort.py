@@ -218,6 +218,10 @@ def section_latency(onnx_path, model_dir, threads_list, sizes, repeats):
                     # Alternate which goes first so drift on a shared machine hits both.
                     order = ["fs", "ort"] if rep % 2 == 0 else ["ort", "fs"]
                     for who in order:
+                        # ORT's idle intra-op threads spin for a while after each run; a pause
+                        # keeps them off the core forkserve's second thread needs, and the
+                        # other way round.
+                        time.sleep(0.05)
                         t = time.perf_counter()
                         if who == "fs":
                             embed(conn, texts)

@@ -18,7 +18,7 @@ use super::types::{
     OpenAiUsage, Side, TextInput,
 };
 use crate::cluster::{agglomerative, community_detection};
-use crate::compute::ComputeError;
+use crate::compute::{ComputeError, Embedded};
 use crate::embedder::{unit_length, EmbedError, Embedder, Tokens};
 
 type Reply = Result<Response<Full<Bytes>>, ApiError>;
@@ -70,13 +70,14 @@ impl App {
         options: EncodeOptions,
     ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
         let tokenizing = options.clone();
-        let tokens = self
+        let Embedded {
+            mut vectors,
+            tokens: seen,
+        } = self
             .compute
-            .run(move |embedder| tokenize_inputs(embedder, &inputs, field, &tokenizing))
+            .embed(move |embedder| tokenize_inputs(embedder, &inputs, field, &tokenizing))
             .await
             .map_err(compute_error)??;
-        let seen = tokens.iter().map(Tokens::len).sum();
-        let mut vectors = self.compute.embed(tokens).await.map_err(compute_error)?;
         for v in &mut vectors {
             if let Some(d) = options.dimensions {
                 v.truncate(d);

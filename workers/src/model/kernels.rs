@@ -233,22 +233,51 @@ impl Linear {
         for r in 0..rows {
             dst[r * dst_stride..r * dst_stride + (to - from)].copy_from_slice(&self.bias[from..to]);
         }
+        self.panels_into_by(x, rows, from, to, dst, dst_stride, chunk_rows(k));
+    }
+
+    /// The same, `chunk` rows of the input at a time: each chunk stays in L2 while every
+    /// panel passes over it (a panel call over all rows re-read the whole input from memory
+    /// for each 32 outputs).
+    #[allow(clippy::too_many_arguments)]
+    fn panels_into_by(
+        &self,
+        x: &[f32],
+        rows: usize,
+        from: usize,
+        to: usize,
+        dst: &mut [f32],
+        dst_stride: usize,
+        chunk: usize,
+    ) {
+        let k = self.inputs;
         let count = (to - from).div_ceil(PANEL);
-        let lhs = MatRef::new(x, rows, k, k, 1);
-        for (first, width, panel) in self.panels().skip(from / PANEL).take(count) {
-            let rhs = MatRef::new(panel, k, width, width, 1);
-            matmul(
-                &mut dst[first - from..],
-                dst_stride,
-                1,
-                true,
-                lhs,
-                rhs,
-                1.0,
-                1,
-            );
+        for r0 in (0..rows).step_by(chunk) {
+            let chunk_rows = chunk.min(rows - r0);
+            let lhs = MatRef::new(&x[r0 * k..], chunk_rows, k, k, 1);
+            let dst = &mut dst[r0 * dst_stride..];
+            for (first, width, panel) in self.panels().skip(from / PANEL).take(count) {
+                let rhs = MatRef::new(panel, k, width, width, 1);
+                matmul(
+                    &mut dst[first - from..],
+                    dst_stride,
+                    1,
+                    true,
+                    lhs,
+                    rhs,
+                    1.0,
+                    1,
+                );
+            }
         }
     }
+}
+
+/// Input rows per chunk of a product: about 768 KiB of activations (most of a 1 MiB L2), and
+/// never fewer than 128 rows. Measured by `chunked_product_speed`: at 3,000 rows chunks run
+/// 1.7–1.8× as fast as one call over all rows; up to 512 rows the two are within the noise.
+fn chunk_rows(inputs: usize) -> usize {
+    (196_608 / inputs.max(1)).max(128)
 }
 
 /// A strided view of `rows × cols` f32 values inside a slice.
@@ -505,6 +534,42 @@ mod tests {
         let mut out = [0.0; 4];
         wide.forward(&[1.0, 1.0], 1, &mut out, 1);
         assert_eq!(out, [3.5, 7.0, 10.5, 1.0]);
+    }
+
+    /// Large products, alternating chunked and unchunked input (the activations of a large
+    /// batch do not fit L2): `cargo test --release -p forkserve-worker chunked_product_speed --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn chunked_product_speed() {
+        for (k, n) in [(384, 1152), (1536, 384)] {
+            let w: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 / 13.0).collect();
+            let l = Linear::from_torch(&w, vec![0.0; n], k, n);
+            for rows in [128, 512, 3000] {
+                let x: Vec<f32> = (0..rows * k).map(|i| (i % 7) as f32 / 7.0).collect();
+                let mut out = vec![0f32; rows * n];
+                let (mut chunked, mut whole) = (Vec::new(), Vec::new());
+                for _ in 0..7 {
+                    for (chunk, times) in [(chunk_rows(k), &mut chunked), (usize::MAX, &mut whole)]
+                    {
+                        let t = std::time::Instant::now();
+                        l.panels_into_by(&x, rows, 0, n, &mut out, n, chunk);
+                        times.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                }
+                chunked.sort_by(f64::total_cmp);
+                whole.sort_by(f64::total_cmp);
+                let gflops = |us: f64| 2.0 * (rows * k * n) as f64 / us / 1e3;
+                eprintln!(
+                    "{k}x{n}, rows {rows:5}: chunks of {}: {:8.0} us ({:5.1} GFLOP/s), whole: {:8.0} us ({:5.1})",
+                    chunk_rows(k),
+                    chunked[3],
+                    gflops(chunked[3]),
+                    whole[3],
+                    gflops(whole[3])
+                );
+            }
+        }
     }
 
     /// Timing, by hand, as in a forward pass where the weights are out of cache (40 matrices
