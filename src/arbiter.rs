@@ -9,9 +9,11 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forkserve_worker::listener::BoundSocket;
+use forkserve_worker::listener::ListenSocket;
 use forkserve_worker::model::ModelIdentity;
-use forkserve_worker::protocol::{monotonic_ms, WorkerState, APP_LOAD_ERROR, WORKER_BOOT_ERROR};
+use forkserve_worker::protocol::{
+    monotonic_ms, RestartReason, WorkerSlot, WorkerState, APP_LOAD_ERROR, WORKER_BOOT_ERROR,
+};
 use forkserve_worker::{Embedder, SentenceEncoder, WorkerContext};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
@@ -19,11 +21,11 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
 use crate::config::{secs, Config, ConfigSource};
-use crate::pidfile::Pidfile;
-use crate::reexec::Invocation;
+use crate::reexec::Upgrade;
 use crate::scoreboard::Scoreboard;
 use crate::signals::SignalQueue;
-use crate::sockets::Bound;
+use crate::sockets::Binding;
+use crate::systemd::{Notifier, PoolStatus};
 
 /// Exit code when workers keep failing to boot (gunicorn's `WORKER_BOOT_ERROR`).
 pub const EXIT_BOOT_FAILURES: i32 = 3;
@@ -37,6 +39,9 @@ const MEMORY_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
 /// Consecutive samples over `max_worker_memory` before a worker is recycled: one spike (a
 /// large request) is not a leak.
 const MEMORY_STRIKES: u32 = 3;
+/// A worker asked to stop gets this much beyond `graceful_timeout` before SIGKILL, so one that
+/// drains on time exits by itself rather than being killed at the same instant.
+const KILL_MARGIN: Duration = Duration::from_millis(500);
 
 /// Why the master asked a worker to stop (or killed it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,22 +69,55 @@ impl StopReason {
             StopReason::Memory => "retired: private memory over max_worker_memory",
             StopReason::Reload => "retired by a reload",
             StopReason::ScaleDown => "stopped to reduce the worker count",
-            StopReason::Timeout => "killed after the heartbeat timeout",
+            StopReason::Timeout => {
+                "killed after timeout (no heartbeat, or one computation too long)"
+            }
             StopReason::BootTimeout => "killed after boot_timeout",
             StopReason::Shutdown => "stopped for shutdown",
         }
     }
 
-    /// The name under which restarts are counted.
-    fn counter(self) -> &'static str {
+    /// How `/metrics` counts the replacement; a shutdown replaces nothing.
+    fn restart(self) -> Option<RestartReason> {
         match self {
-            StopReason::MaxRequests => "max_requests",
-            StopReason::Memory => "memory",
-            StopReason::Reload => "reload",
-            StopReason::ScaleDown => "scale_down",
-            StopReason::Timeout => "timeout",
-            StopReason::BootTimeout => "boot_failure",
-            StopReason::Shutdown => "shutdown",
+            StopReason::MaxRequests => Some(RestartReason::MaxRequests),
+            StopReason::Memory => Some(RestartReason::Memory),
+            StopReason::Reload => Some(RestartReason::Reload),
+            StopReason::ScaleDown => Some(RestartReason::ScaleDown),
+            StopReason::Timeout => Some(RestartReason::Timeout),
+            StopReason::BootTimeout => Some(RestartReason::BootFailure),
+            StopReason::Shutdown => None,
+        }
+    }
+}
+
+/// Where a worker is in its life, as the master drives it. (The worker's own view, which the
+/// master reads, is the `WorkerState` in its slot.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Forked, not ready yet: watched by `boot_timeout`.
+    Booting,
+    /// Ready and serving: watched by the heartbeat `timeout`. It may have marked itself
+    /// retiring (`max_requests`) in its slot.
+    Serving,
+    /// Serving, but marked by the master for replacement (`max_worker_memory`) once its
+    /// replacement is ready.
+    Replacing(StopReason),
+    /// Asked to stop (SIGTERM, or SIGQUIT in a fast shutdown); SIGKILL at `kill_at`.
+    Stopping {
+        reason: StopReason,
+        kill_at: Instant,
+    },
+    /// Sent SIGKILL; waiting to be reaped.
+    Killed(StopReason),
+}
+
+impl Phase {
+    /// Why the master wants it gone, if it does.
+    fn stop_reason(self) -> Option<StopReason> {
+        match self {
+            Phase::Stopping { reason, .. } | Phase::Killed(reason) => Some(reason),
+            Phase::Booting | Phase::Serving | Phase::Replacing(_) => None,
         }
     }
 }
@@ -88,110 +126,119 @@ impl StopReason {
 struct Worker {
     slot: usize,
     spawned_at: Instant,
-    ready_at: Option<Instant>,
     max_requests: u64,
     /// Configuration generation it was forked with; a reload starts a new one.
     generation: u64,
     /// Consecutive memory samples over `max_worker_memory`.
     memory_strikes: u32,
-    /// Why the master marked it retiring, when it was the master (memory) and not the worker.
-    retire_reason: Option<StopReason>,
-    /// Set once the master has asked it to stop; says why, for the log when it is reaped.
-    stopping: Option<StopReason>,
-    /// When a worker asked to stop gets SIGKILL if it is still there.
-    kill_at: Option<Instant>,
+    phase: Phase,
+}
+
+/// Why a worker must be killed now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overdue {
+    /// No heartbeat for longer than `timeout` (the worker's I/O loop is stuck): for how long, in ms.
+    Silent(u64),
+    /// One computation (a forward pass or a job) running for longer than `timeout`, while the
+    /// I/O loop still beats: for how long, in ms.
+    Stuck(u64),
+    /// Not ready within `boot_timeout`.
+    NeverBooted,
+    /// Asked to stop and still there at its kill deadline.
+    Late(StopReason),
+}
+
+/// Every worker's deadlines at one instant: those already passed, and the time until the
+/// next one. The one place heartbeat, computation, boot and kill deadlines are computed, for
+/// both the loop's sleep and `murder_workers` (Unicorn's `murder_lazy_workers` does both).
+struct Deadlines {
+    overdue: Vec<(Pid, Overdue)>,
+    next: Option<Duration>,
+}
+
+/// The pipe workers write a byte to when their state changes, so the master reacts at once.
+struct Nudges {
+    read: File,
+    write: OwnedFd,
+}
+
+/// Failed boots in a row, and when the next spawn may happen.
+struct BootBackoff {
+    failures: u32,
+    next_spawn_at: Instant,
 }
 
 struct Shutdown {
     graceful: bool,
     exit_code: i32,
-    kill_at: Instant,
 }
 
 pub struct Arbiter {
     config: Config,
     /// Where the config came from, to read it again on HUP.
     source: ConfigSource,
-    listeners: Vec<Bound>,
+    bindings: Vec<Binding>,
+    /// The sockets came from systemd (LISTEN_FDS): a reload never binds.
+    socket_activated: bool,
     embedder: Arc<dyn Embedder>,
-    /// The weights file the model was built from, to notice a new one on HUP.
+    /// The model's files as loaded, to notice new ones on HUP.
     model_identity: Option<ModelIdentity>,
     /// Bumped by every successful reload; workers of older generations are rolled out.
     generation: u64,
     scoreboard: Scoreboard,
     signals: SignalQueue,
-    /// Workers write a byte here when their state changes, so the master reacts at once.
-    wake_read: File,
-    wake_write: OwnedFd,
+    nudges: Nudges,
     workers: BTreeMap<Pid, Worker>,
-    /// Failed boots in a row; reset when a worker becomes ready.
-    boot_failures: u32,
-    next_spawn_at: Instant,
+    backoff: BootBackoff,
     shutdown: Option<Shutdown>,
     pid: i32,
-    pidfile: Option<Pidfile>,
-    /// Set in a master started by USR2: the old master's pid, until it exits.
-    upgraded_from: Option<i32>,
-    /// The new master this one started with USR2, while it runs.
-    upgrade_child: Option<Pid>,
-    invocation: Invocation,
+    upgrade: Upgrade,
     last_memory_sample: Instant,
-    systemd: crate::systemd::Notifier,
-    /// READY=1 is sent when the configured workers are first all ready, and again when a
-    /// reload's new generation is.
-    announced_ready: bool,
-    socket_activated: bool,
-    /// The worker-count part of the last STATUS=, to send a change of it at once.
-    status_counts: String,
-    /// Why the last reload was refused, shown in STATUS= until a reload succeeds.
-    reload_refused: Option<String>,
+    systemd: Notifier,
 }
 
 /// What the master needs besides its configuration.
 pub struct MasterParts {
     pub source: ConfigSource,
-    pub listeners: Vec<Bound>,
+    pub bindings: Vec<Binding>,
     pub model: SentenceEncoder,
     pub model_identity: Option<ModelIdentity>,
     pub scoreboard: Scoreboard,
     pub signals: SignalQueue,
-    pub pidfile: Option<Pidfile>,
-    pub upgraded_from: Option<i32>,
     /// The listeners came from systemd (LISTEN_FDS): a reload never binds.
     pub socket_activated: bool,
-    pub invocation: Invocation,
+    pub upgrade: Upgrade,
 }
 
 impl Arbiter {
     pub fn new(config: Config, parts: MasterParts) -> nix::Result<Arbiter> {
-        let (wake_read, wake_write) =
+        let (read, write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
+        let systemd = Notifier::from_env(parts.upgrade.replacing());
         Ok(Arbiter {
             config,
             source: parts.source,
-            listeners: parts.listeners,
+            bindings: parts.bindings,
+            socket_activated: parts.socket_activated,
             embedder: Arc::new(parts.model),
             model_identity: parts.model_identity,
             generation: 0,
             scoreboard: parts.scoreboard,
             signals: parts.signals,
-            wake_read: File::from(wake_read),
-            wake_write,
+            nudges: Nudges {
+                read: File::from(read),
+                write,
+            },
             workers: BTreeMap::new(),
-            boot_failures: 0,
-            next_spawn_at: Instant::now(),
+            backoff: BootBackoff {
+                failures: 0,
+                next_spawn_at: Instant::now(),
+            },
             shutdown: None,
             pid: std::process::id() as i32,
-            pidfile: parts.pidfile,
-            upgraded_from: parts.upgraded_from,
-            upgrade_child: None,
-            invocation: parts.invocation,
+            upgrade: parts.upgrade,
             last_memory_sample: Instant::now(),
-            systemd: crate::systemd::Notifier::from_env(parts.upgraded_from),
-            announced_ready: false,
-            socket_activated: parts.socket_activated,
-            status_counts: String::new(),
-            reload_refused: None,
+            systemd,
         })
     }
 
@@ -206,12 +253,13 @@ impl Arbiter {
                 self.handle_signal(sig);
             }
             self.reap_workers();
-            if let Some(code) = self.finished() {
+            if let Some(code) = self.shutdown_complete() {
                 return code;
             }
-            self.observe_workers();
+            self.note_ready_workers();
             self.announce_ready();
-            self.check_old_master();
+            self.upgrade
+                .check_old_master(self.config.pidfile.as_deref());
             self.murder_workers();
             self.sample_memory();
             self.manage_workers();
@@ -226,7 +274,7 @@ impl Arbiter {
                 tracing::info!("handling SIGTERM: graceful stop");
                 self.begin_shutdown(true, 0);
             }
-            Signal::SIGINT | Signal::SIGQUIT => match self.upgrade_child {
+            Signal::SIGINT | Signal::SIGQUIT => match self.upgrade.started() {
                 // After USR2, the old master is told to go once the new one serves: it hands
                 // over without dropping the requests its workers are answering.
                 Some(child) => {
@@ -240,7 +288,10 @@ impl Arbiter {
             },
             Signal::SIGHUP => self.reload(),
             Signal::SIGUSR1 => self.reopen_logs(),
-            Signal::SIGUSR2 => self.reexec(),
+            Signal::SIGUSR2 => {
+                let fds: Vec<i32> = self.bindings.iter().map(Binding::raw_fd).collect();
+                self.upgrade.start(&fds);
+            }
             Signal::SIGTTIN => {
                 self.config.workers = (self.config.workers + 1).min(crate::config::MAX_WORKERS);
                 tracing::info!(workers = self.config.workers, "SIGTTIN: one worker more");
@@ -263,21 +314,11 @@ impl Arbiter {
         self.systemd.reloading();
         let new = match self.source.load() {
             Ok(c) => c,
-            Err(e) => {
-                tracing::error!("reload failed: {e}; still running on the previous configuration");
-                self.reload_failed(&e.to_string());
-                return;
-            }
+            Err(e) => return self.reload_failed(&e.to_string(), "configuration"),
         };
-        let listeners = match self.rebind(&new) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(
-                    "reload failed: bind: {e}; still running on the previous configuration"
-                );
-                self.reload_failed(&format!("bind: {e}"));
-                return;
-            }
+        let bindings = match self.rebind(&new) {
+            Ok(b) => b,
+            Err(e) => return self.reload_failed(&format!("bind: {e}"), "configuration"),
         };
         let identity = ModelIdentity::of(&new.model.path);
         if new.model.path != self.config.model.path
@@ -285,7 +326,7 @@ impl Arbiter {
             || identity != self.model_identity
         {
             let started = Instant::now();
-            match SentenceEncoder::load_with(&new.model.path, new.backend()) {
+            match SentenceEncoder::load_with(&new.model.path, new.model.backend) {
                 Ok(model) => {
                     tracing::info!(
                         path = %new.model.path.display(),
@@ -296,26 +337,24 @@ impl Arbiter {
                     self.model_identity = identity;
                 }
                 Err(e) => {
-                    tracing::error!("reload failed: model.path: {e}; still serving the previous model and configuration");
-                    self.reload_failed(&format!("model.path: {e}"));
-                    return;
+                    return self
+                        .reload_failed(&format!("model.path: {e}"), "model and configuration")
                 }
             }
         }
         if new.log.level != self.config.log.level {
-            forkserve_worker::logging::set_level(&new.log.level);
+            forkserve_worker::logging::set_level(new.log.level);
         }
         if new.proc_name() != self.config.proc_name() {
             forkserve_worker::proctitle::set(&format!("forkserve: master [{}]", new.proc_name()));
         }
-        self.listeners = listeners;
+        self.bindings = bindings;
         self.config = new;
         self.generation += 1;
-        self.boot_failures = 0;
-        self.next_spawn_at = Instant::now();
+        self.backoff.failures = 0;
+        self.backoff.next_spawn_at = Instant::now();
         // READY=1 again once the new generation is all ready (announce_ready).
-        self.announced_ready = false;
-        self.reload_refused = None;
+        self.systemd.reload_applied();
         tracing::info!(
             generation = self.generation,
             workers = self.config.workers,
@@ -323,32 +362,36 @@ impl Arbiter {
         );
     }
 
-    /// A reload that changed nothing: systemd hears READY=1 after the RELOADING=1, and
-    /// `systemctl status` shows why until a reload succeeds.
-    fn reload_failed(&mut self, why: &str) {
-        self.systemd.notify("READY=1");
-        self.reload_refused = Some(why.to_string());
-        self.status_counts.clear(); // send the new STATUS= at once
+    /// A reload that changed nothing: say why, in the log and in systemd's status. `kept`: what
+    /// still serves ("configuration", or "model and configuration").
+    fn reload_failed(&mut self, why: &str, kept: &str) {
+        match kept {
+            "configuration" => {
+                tracing::error!("reload failed: {why}; still running on the previous configuration")
+            }
+            _ => tracing::error!("reload failed: {why}; still serving the previous {kept}"),
+        }
+        self.systemd.reload_refused(why);
         self.report_to_systemd();
     }
 
-    /// The listeners for a new configuration: sockets already bound for an address are kept
+    /// The sockets for a new configuration: sockets already bound for an address are kept
     /// (binding them again would fail while they listen); new addresses are bound. Sockets
     /// from systemd are kept whatever `bind` says: the socket unit owns the addresses.
-    fn rebind(&mut self, new: &Config) -> std::io::Result<Vec<Bound>> {
+    fn rebind(&mut self, new: &Config) -> std::io::Result<Vec<Binding>> {
         if self.socket_activated && new.bind != self.config.bind {
             tracing::warn!("bind changed, but the sockets come from systemd: edit the .socket unit instead; keeping them");
         }
         if new.bind == self.config.bind || self.socket_activated {
-            return self.listeners.iter().map(Bound::try_clone).collect();
+            return self.bindings.iter().map(Binding::try_clone).collect();
         }
         let mut out = Vec::new();
         for addr in &new.bind {
             let kept = self
-                .listeners
+                .bindings
                 .iter()
                 .filter(|b| b.spec == *addr)
-                .map(Bound::try_clone)
+                .map(Binding::try_clone)
                 .collect::<std::io::Result<Vec<_>>>()?;
             if kept.is_empty() {
                 out.extend(crate::sockets::bind_all(
@@ -382,9 +425,8 @@ impl Arbiter {
             }
         }
         self.give_log_to_workers();
-        let pids: Vec<Pid> = self.workers.keys().copied().collect();
-        for pid in pids {
-            self.kill_worker(pid, Signal::SIGUSR1);
+        for &pid in self.workers.keys() {
+            signal_worker(pid, Signal::SIGUSR1);
         }
     }
 
@@ -398,73 +440,11 @@ impl Arbiter {
         }
     }
 
-    /// USR2: fork and exec the binary again with our listening sockets. Both masters serve
-    /// until this one is told to stop (QUIT or TERM).
-    fn reexec(&mut self) {
-        if let Some(child) = self.upgrade_child {
-            tracing::warn!(
-                new_master = child.as_raw(),
-                "USR2 ignored: an upgrade is already running"
-            );
-            return;
-        }
-        if self.upgraded_from.is_some() {
-            tracing::warn!("USR2 ignored: this master's own upgrade is not finished (the old master still runs)");
-            return;
-        }
-        let fds: Vec<i32> = self
-            .listeners
-            .iter()
-            .map(|b| std::os::fd::AsRawFd::as_raw_fd(&b.socket))
-            .collect();
-        // SAFETY: single-threaded master (the loop never starts threads); the child only
-        // prepares its fds and environment and calls exec.
-        match unsafe { fork() } {
-            Ok(ForkResult::Child) => {
-                let error = self.invocation.exec(&fds);
-                tracing::error!("USR2: {error}");
-                // SAFETY: leave the forked copy without running the master's destructors
-                // (they would remove the pidfile and unlink sockets that are still in use).
-                unsafe { nix::libc::_exit(1) };
-            }
-            Ok(ForkResult::Parent { child }) => {
-                tracing::info!(
-                    new_master = child.as_raw(),
-                    program = %self.invocation.program().display(),
-                    "handling SIGUSR2: started a new master on the same sockets"
-                );
-                self.upgrade_child = Some(child);
-            }
-            Err(e) => tracing::error!(error = %e, "USR2: fork failed"),
-        }
-    }
-
-    /// In a master started by USR2: once the old master has exited (we were re-parented), take
-    /// over the pidfile's real name.
-    fn check_old_master(&mut self) {
-        let Some(old) = self.upgraded_from else {
-            return;
-        };
-        if nix::unistd::getppid().as_raw() == old {
-            return;
-        }
-        self.upgraded_from = None;
-        tracing::info!(
-            old_master = old,
-            "the old master has exited; this master takes over"
-        );
-        if let (Some(pidfile), Some(path)) = (self.pidfile.as_mut(), self.config.pidfile.as_ref()) {
-            if let Err(e) = pidfile.promote(path) {
-                tracing::error!(error = %e, "cannot rename the pidfile to {}", path.display());
-            }
-        }
-    }
-
     /// Wait for a signal, a worker's nudge, or `timeout`.
     fn sleep(&mut self, timeout: Duration) {
         let mut fds = [
             PollFd::new(self.signals.fd(), PollFlags::POLLIN),
-            PollFd::new(self.wake_read.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.nudges.read.as_fd(), PollFlags::POLLIN),
         ];
         let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, ms) {
@@ -473,46 +453,80 @@ impl Arbiter {
         }
         // Empty the pipe: the nudges only say "look at the scoreboard".
         let mut buf = [0u8; 64];
-        while matches!(self.wake_read.read(&mut buf), Ok(n) if n > 0) {}
+        while matches!(self.nudges.read.read(&mut buf), Ok(n) if n > 0) {}
     }
 
-    /// The time until the next deadline: a heartbeat or boot expiring, a kill, a spawn.
+    /// The time until the next thing to do: a worker's deadline, the watchdog, a spawn.
     fn next_wakeup(&self) -> Duration {
+        let now = Instant::now();
+        let mut next = MAX_SLEEP;
+        let candidates = [
+            self.deadlines().next,
+            self.systemd.until_keep_alive(),
+            (self.shutdown.is_none() && self.backoff.next_spawn_at > now)
+                .then(|| self.backoff.next_spawn_at - now),
+        ];
+        for d in candidates.into_iter().flatten() {
+            next = next.min(d);
+        }
+        // Never spin: a deadline just passed is handled on this turn.
+        next.max(Duration::from_millis(5))
+    }
+
+    /// Every worker's deadlines now (see `Deadlines`).
+    fn deadlines(&self) -> Deadlines {
         let now = Instant::now();
         let now_ms = monotonic_ms();
         let timeout_ms = (self.config.timeout * 1000.0) as u64;
         let boot_timeout = secs(self.config.boot_timeout);
-        let mut next = MAX_SLEEP;
-        let mut consider = |d: Duration| next = next.min(d);
-        for w in self.workers.values() {
+        let mut out = Deadlines {
+            overdue: Vec::new(),
+            next: None,
+        };
+        for (&pid, w) in &self.workers {
             let slot = self.scoreboard.slot(w.slot);
-            if let Some(kill_at) = w.kill_at {
-                consider(kill_at.saturating_duration_since(now));
+            // (when it falls due, in ms from now, or 0 if past; what is overdue then)
+            let mut due: Vec<(u64, Overdue)> = Vec::new();
+            match w.phase {
+                Phase::Killed(_) => continue, // waiting to be reaped
+                Phase::Stopping { reason, kill_at } => due.push((
+                    kill_at.saturating_duration_since(now).as_millis() as u64,
+                    Overdue::Late(reason),
+                )),
+                _ => {}
             }
             match slot.state() {
-                WorkerState::Booting => {
-                    consider((w.spawned_at + boot_timeout).saturating_duration_since(now))
-                }
+                WorkerState::Free => {}
+                WorkerState::Booting => due.push((
+                    (w.spawned_at + boot_timeout)
+                        .saturating_duration_since(now)
+                        .as_millis() as u64,
+                    Overdue::NeverBooted,
+                )),
                 // timeout = 0: no heartbeat deadline (gunicorn's meaning).
                 _ if timeout_ms == 0 => {}
                 _ => {
-                    let beat = slot.heartbeat_ms.load(std::sync::atomic::Ordering::Acquire);
-                    consider(Duration::from_millis(
-                        (beat + timeout_ms).saturating_sub(now_ms),
-                    ))
+                    let beat = slot.heartbeat_ms();
+                    due.push((
+                        hung_in(beat, timeout_ms, now_ms),
+                        Overdue::Silent(now_ms.saturating_sub(beat)),
+                    ));
+                    if let Some(busy) = slot.busy_since_ms() {
+                        due.push((
+                            hung_in(busy, timeout_ms, now_ms),
+                            Overdue::Stuck(now_ms.saturating_sub(busy)),
+                        ));
+                    }
                 }
             }
+            if let Some(&(_, why)) = due.iter().find(|(ms, _)| *ms == 0) {
+                out.overdue.push((pid, why));
+            } else if let Some(ms) = due.iter().map(|(ms, _)| *ms).min() {
+                let d = Duration::from_millis(ms);
+                out.next = Some(out.next.map_or(d, |n| n.min(d)));
+            }
         }
-        if let Some(d) = self.systemd.until_keep_alive() {
-            consider(d);
-        }
-        if let Some(s) = &self.shutdown {
-            consider(s.kill_at.saturating_duration_since(now));
-        } else if self.next_spawn_at > now {
-            consider(self.next_spawn_at - now);
-        }
-        // Never spin: a deadline just passed is handled on this turn.
-        next.max(Duration::from_millis(5))
+        out
     }
 
     /// Collect every exited worker, say why it went, and free its slot.
@@ -532,9 +546,7 @@ impl Arbiter {
                 WaitStatus::Signaled(pid, sig, _) => (pid, Exit::Signal(sig)),
                 _ => continue,
             };
-            if self.upgrade_child == Some(pid) {
-                self.upgrade_child = None;
-                tracing::error!(new_master = pid.as_raw(), %how, "the new master started by USR2 exited; this master keeps serving");
+            if self.upgrade.reaped(pid, &how) {
                 continue;
             }
             let Some(worker) = self.workers.remove(&pid) else {
@@ -546,148 +558,131 @@ impl Arbiter {
     }
 
     fn log_exit(&mut self, pid: Pid, worker: &Worker, how: Exit) {
-        let lived = worker.spawned_at.elapsed().as_secs_f64();
-        if let Some(reason) = worker.stopping {
-            if reason == StopReason::BootTimeout {
-                // Counted as a failed boot when it was killed (see murder_workers).
-                tracing::info!(pid = pid.as_raw(), %how, "worker that never booted is gone");
-                return;
+        let pid = pid.as_raw();
+        match (worker.phase, self.shutdown.is_some()) {
+            // Counted as a failed boot when it was killed (see murder_workers).
+            (Phase::Killed(StopReason::BootTimeout), _) => {
+                tracing::info!(pid, %how, "worker that never booted is gone")
             }
-            // The counters live in the scoreboard (for /metrics); the log shows the total.
-            let count = self.scoreboard.metrics().count_restart(reason.counter());
-            if matches!(reason, StopReason::Timeout) {
-                tracing::error!(pid = pid.as_raw(), %how, "worker timed out and was killed (WORKER TIMEOUT)");
-            } else {
-                tracing::info!(
-                    pid = pid.as_raw(),
-                    %how,
-                    lived_s = format!("{lived:.1}"),
-                    count,
-                    "worker {}",
-                    reason.describe()
-                );
+            (Phase::Stopping { reason, .. } | Phase::Killed(reason), _) => {
+                // The counters live in the scoreboard (for /metrics); the log shows the total.
+                let count = reason
+                    .restart()
+                    .map(|r| self.scoreboard.metrics().count_restart(r));
+                if reason == StopReason::Timeout {
+                    tracing::error!(pid, %how, "worker timed out and was killed (WORKER TIMEOUT)");
+                } else {
+                    let lived = worker.spawned_at.elapsed().as_secs_f64();
+                    tracing::info!(pid, %how, lived_s = format!("{lived:.1}"), count, "worker {}", reason.describe());
+                }
             }
-            return;
+            (_, true) => tracing::info!(pid, %how, "worker exited during shutdown"),
+            (Phase::Booting, false) => {
+                let why = match how {
+                    Exit::Code(WORKER_BOOT_ERROR) => "worker boot error (exit code 3)".to_string(),
+                    Exit::Code(APP_LOAD_ERROR) => {
+                        "model failed its warm-up (exit code 4)".to_string()
+                    }
+                    other => format!("{other} before it was ready"),
+                };
+                self.boot_failed(pid, &why);
+            }
+            // It was serving and nobody asked it to stop: a crash. Replaced at once.
+            (Phase::Serving | Phase::Replacing(_), false) => {
+                let hint = match how {
+                    Exit::Signal(Signal::SIGKILL) => " (perhaps out of memory)",
+                    _ => "",
+                };
+                self.scoreboard
+                    .metrics()
+                    .count_restart(RestartReason::Crash);
+                tracing::error!(pid, %how, "worker died unexpectedly{hint}; replacing it");
+            }
         }
-        if self.shutdown.is_some() {
-            tracing::info!(pid = pid.as_raw(), %how, "worker exited during shutdown");
-            return;
-        }
-        if worker.ready_at.is_none() {
-            let why = match how {
-                Exit::Code(WORKER_BOOT_ERROR) => "worker boot error (exit code 3)".to_string(),
-                Exit::Code(APP_LOAD_ERROR) => "model failed its warm-up (exit code 4)".to_string(),
-                other => format!("{other} before it was ready"),
-            };
-            self.boot_failed(pid, &why);
-            return;
-        }
-        // It was serving and nobody asked it to stop: a crash. Replaced at once.
-        let hint = match how {
-            Exit::Signal(Signal::SIGKILL) => " (perhaps out of memory)",
-            _ => "",
-        };
-        self.scoreboard.metrics().count_restart("crash");
-        tracing::error!(pid = pid.as_raw(), %how, "worker died unexpectedly{hint}; replacing it");
     }
 
-    fn boot_failed(&mut self, pid: Pid, why: &str) {
-        self.boot_failures += 1;
-        self.scoreboard.metrics().count_restart("boot_failure");
+    fn boot_failed(&mut self, pid: i32, why: &str) {
+        self.backoff.failures += 1;
+        let failures = self.backoff.failures;
+        self.scoreboard
+            .metrics()
+            .count_restart(RestartReason::BootFailure);
         let max = self.config.max_boot_failures;
-        if self.boot_failures >= max {
+        if failures >= max {
             tracing::error!(
-                pid = pid.as_raw(),
-                failures = self.boot_failures,
+                pid,
+                failures,
                 "worker failed to boot: {why}; {max} failed boots in a row, giving up"
             );
             self.begin_shutdown(false, EXIT_BOOT_FAILURES);
             return;
         }
         let backoff = BOOT_BACKOFF_START
-            .saturating_mul(1 << (self.boot_failures - 1).min(16))
+            .saturating_mul(1 << (failures - 1).min(16))
             .min(BOOT_BACKOFF_CAP);
         tracing::error!(
-            pid = pid.as_raw(),
-            failures = self.boot_failures,
+            pid,
+            failures,
             retry_in_ms = backoff.as_millis() as u64,
             "worker failed to boot: {why}"
         );
-        self.next_spawn_at = Instant::now() + backoff;
+        self.backoff.next_spawn_at = Instant::now() + backoff;
     }
 
     /// Tell systemd we serve, once the configured workers are all ready (not before any
     /// exists, as gunicorn does). A master started by USR2 also says it is the main process now.
     fn announce_ready(&mut self) {
-        if self.announced_ready || self.shutdown.is_some() {
+        if self.systemd.is_ready_sent() || self.shutdown.is_some() {
             return;
         }
         let ready = self
             .workers
             .values()
-            .filter(|w| w.generation == self.generation && w.ready_at.is_some())
+            .filter(|w| w.generation == self.generation)
+            .filter(|w| matches!(w.phase, Phase::Serving | Phase::Replacing(_)))
             .count();
         if ready < self.config.workers {
             return;
         }
-        self.announced_ready = true;
-        if self.upgraded_from.is_some() {
-            self.systemd
-                .notify(&format!("MAINPID={}\nREADY=1", self.pid));
-        } else {
-            self.systemd.notify("READY=1");
+        let main_pid = self.upgrade.replacing().map(|_| self.pid);
+        if self.systemd.ready(main_pid) {
+            tracing::info!(
+                workers = ready,
+                generation = self.generation,
+                "all workers ready"
+            );
         }
-        tracing::info!(
-            workers = ready,
-            generation = self.generation,
-            "all workers ready"
-        );
     }
 
     /// The watchdog ping, and STATUS= with live worker counts and requests served (what
     /// `systemctl status` shows).
     fn report_to_systemd(&mut self) {
-        self.systemd.keep_alive();
-        if !self.systemd.is_listening() {
-            return; // nothing to format the status for
-        }
-        let (mut ready, mut booting, mut stopping) = (0, 0, 0);
+        let mut pool = PoolStatus {
+            ready: 0,
+            booting: 0,
+            stopping: 0,
+            target: self.config.workers,
+            requests_served: self.scoreboard.metrics().total_requests(),
+            shutting_down: self.shutdown.as_ref().map(|s| s.graceful),
+        };
         for w in self.workers.values() {
-            match (w.stopping, self.scoreboard.slot(w.slot).state()) {
-                (Some(_), _) => stopping += 1,
-                (None, WorkerState::Booting) => booting += 1,
-                (None, _) => ready += 1,
+            match w.phase {
+                Phase::Booting => pool.booting += 1,
+                Phase::Serving | Phase::Replacing(_) => pool.ready += 1,
+                Phase::Stopping { .. } | Phase::Killed(_) => pool.stopping += 1,
             }
         }
-        let served = self.scoreboard.metrics().total_requests();
-        let state = match &self.shutdown {
-            Some(s) if s.graceful => "stopping (graceful); ",
-            Some(_) => "stopping; ",
-            None => "",
-        };
-        let mut counts = format!(
-            "{state}workers: {ready} ready, {booting} booting, {stopping} stopping (target {})",
-            self.config.workers
-        );
-        if let Some(why) = &self.reload_refused {
-            counts = format!("reload failed, previous configuration kept ({why}); {counts}");
-        }
-        // Worker counts show at once; the request count at most once a second.
-        let counts_changed = counts != self.status_counts;
-        self.systemd.status(
-            &format!("{counts}; requests served: {served}"),
-            counts_changed,
-        );
-        self.status_counts = counts;
+        self.systemd.report(&pool);
     }
 
-    /// Notice workers that became ready since the last turn.
-    fn observe_workers(&mut self) {
+    /// Move workers whose slot says ready (or beyond) from `Booting` to `Serving`.
+    fn note_ready_workers(&mut self) {
         for (pid, w) in self.workers.iter_mut() {
-            if w.ready_at.is_none() && self.scoreboard.slot(w.slot).state() != WorkerState::Booting
+            if w.phase == Phase::Booting
+                && self.scoreboard.slot(w.slot).state() != WorkerState::Booting
             {
-                w.ready_at = Some(Instant::now());
-                self.boot_failures = 0;
+                w.phase = Phase::Serving;
+                self.backoff.failures = 0;
                 tracing::info!(
                     pid = pid.as_raw(),
                     boot_s = format!("{:.3}", w.spawned_at.elapsed().as_secs_f64()),
@@ -701,62 +696,46 @@ impl Arbiter {
     /// Kill workers that are overdue: hung (heartbeat or one computation older than
     /// `timeout`), never ready within `boot_timeout`, or past their graceful-stop deadline.
     fn murder_workers(&mut self) {
-        let now = Instant::now();
-        let now_ms = monotonic_ms();
-        let timeout_ms = (self.config.timeout * 1000.0) as u64;
-        let boot_timeout = secs(self.config.boot_timeout);
-        let mut overdue = Vec::new();
-        for (&pid, w) in &self.workers {
-            if w.kill_at.is_some_and(|t| now >= t) {
-                overdue.push((pid, None));
+        for (pid, overdue) in self.deadlines().overdue {
+            let Some(w) = self.workers.get_mut(&pid) else {
                 continue;
-            }
-            if matches!(
-                w.stopping,
-                Some(StopReason::Timeout | StopReason::BootTimeout)
-            ) {
-                continue; // already killed, waiting to be reaped
-            }
-            let slot = self.scoreboard.slot(w.slot);
-            let reason = match slot.state() {
-                WorkerState::Booting if now.duration_since(w.spawned_at) > boot_timeout => {
-                    Some(StopReason::BootTimeout)
-                }
-                WorkerState::Booting | WorkerState::Free => None,
-                // timeout = 0 turns the heartbeat kill off, as in gunicorn.
-                _ if timeout_ms == 0 => None,
-                _ => {
-                    let beat = slot.heartbeat_ms.load(std::sync::atomic::Ordering::Acquire);
-                    let busy = slot
-                        .busy_since_ms
-                        .load(std::sync::atomic::Ordering::Acquire);
-                    let silent = now_ms.saturating_sub(beat) > timeout_ms;
-                    let stuck = busy != 0 && now_ms.saturating_sub(busy) > timeout_ms;
-                    (silent || stuck).then_some(StopReason::Timeout)
-                }
             };
-            if let Some(r) = reason {
-                overdue.push((pid, Some(r)));
+            let reason = match overdue {
+                Overdue::Late(reason) => reason,
+                Overdue::Silent(_) | Overdue::Stuck(_) => StopReason::Timeout,
+                Overdue::NeverBooted => StopReason::BootTimeout,
+            };
+            match overdue {
+                Overdue::Late(_) => tracing::warn!(
+                    pid = pid.as_raw(),
+                    "worker did not stop within graceful_timeout; killing it"
+                ),
+                // Which rule fired, and by how much: a worker whose /health answers at once
+                // can still be killed for one computation that does not end.
+                Overdue::Silent(ms) => tracing::error!(
+                    pid = pid.as_raw(),
+                    silent_ms = ms,
+                    timeout_s = self.config.timeout,
+                    "killing worker: no heartbeat for longer than timeout (its I/O loop is stuck)"
+                ),
+                Overdue::Stuck(ms) => tracing::error!(
+                    pid = pid.as_raw(),
+                    busy_ms = ms,
+                    timeout_s = self.config.timeout,
+                    "killing worker: one computation has run longer than timeout"
+                ),
+                Overdue::NeverBooted => tracing::error!(
+                    pid = pid.as_raw(),
+                    reason = reason.describe(),
+                    "killing worker"
+                ),
             }
-        }
-        for (pid, reason) in overdue {
-            if let Some(w) = self.workers.get_mut(&pid) {
-                if let Some(r) = reason {
-                    w.stopping = Some(r);
-                    tracing::error!(pid = pid.as_raw(), reason = r.describe(), "killing worker");
-                } else {
-                    tracing::warn!(
-                        pid = pid.as_raw(),
-                        "worker did not stop within graceful_timeout; killing it"
-                    );
-                }
-                w.kill_at = None;
-            }
-            self.kill_worker(pid, Signal::SIGKILL);
-            if reason == Some(StopReason::BootTimeout) {
+            w.phase = Phase::Killed(reason);
+            signal_worker(pid, Signal::SIGKILL);
+            if overdue == Overdue::NeverBooted {
                 // Count it now, not when it is reaped: the backoff (or giving up) must apply
                 // before manage_workers forks a replacement on this same turn.
-                self.boot_failed(pid, "not ready within boot_timeout");
+                self.boot_failed(pid.as_raw(), "not ready within boot_timeout");
             }
         }
     }
@@ -771,67 +750,52 @@ impl Arbiter {
         let target = self.config.workers;
         let current = self.generation;
         let slots = self.scoreboard.slots();
-        let state = move |w: &Worker| slots[w.slot].state();
-
-        // A worker of an older generation still booting would never join the pool.
-        let stale: Vec<Pid> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.stopping.is_none() && w.generation < current)
-            .filter(|(_, w)| state(w) == WorkerState::Booting)
-            .map(|(&pid, _)| pid)
-            .collect();
+        let mut stale = Vec::new();
+        let mut pool = Vec::new();
+        let mut ready = 0;
+        let mut outgoing: Vec<(Instant, Pid, StopReason)> = Vec::new();
+        for (&pid, w) in &self.workers {
+            let state = slots[w.slot].state();
+            match (w.phase, state) {
+                (Phase::Stopping { .. } | Phase::Killed(_), _) => {}
+                // A worker of an older generation still booting would never join the pool.
+                (Phase::Booting, _) if w.generation < current => stale.push(pid),
+                (Phase::Booting, _) => pool.push((w.spawned_at, pid)),
+                // Workers on their way out keep serving until their replacements are ready.
+                (_, WorkerState::Ready | WorkerState::Retiring) if w.generation < current => {
+                    outgoing.push((w.spawned_at, pid, StopReason::Reload))
+                }
+                (Phase::Replacing(reason), WorkerState::Retiring) => {
+                    outgoing.push((w.spawned_at, pid, reason))
+                }
+                (Phase::Serving, WorkerState::Retiring) => {
+                    outgoing.push((w.spawned_at, pid, StopReason::MaxRequests))
+                }
+                (Phase::Serving, WorkerState::Ready) => {
+                    pool.push((w.spawned_at, pid));
+                    ready += 1;
+                }
+                // Draining by itself (its master looked gone), or already freed: leave it.
+                _ => {}
+            }
+        }
         for pid in stale {
             self.stop_worker(pid, StopReason::Reload);
         }
-
-        // Booting and ready workers of this generation not asked to stop: the pool.
-        let active: Vec<Pid> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.stopping.is_none() && w.generation == current)
-            .filter(|(_, w)| matches!(state(w), WorkerState::Booting | WorkerState::Ready))
-            .map(|(&pid, _)| pid)
-            .collect();
-        if active.len() < target && Instant::now() >= self.next_spawn_at {
-            for _ in active.len()..target {
+        if pool.len() < target && Instant::now() >= self.backoff.next_spawn_at {
+            for _ in pool.len()..target {
                 if !self.spawn_worker() {
                     break;
                 }
             }
-        } else if active.len() > target {
+        } else if pool.len() > target {
             // Stop the oldest first, like gunicorn.
-            let mut by_age = active.clone();
-            by_age.sort_by_key(|pid| self.workers[pid].spawned_at);
-            for pid in by_age.into_iter().take(active.len() - target) {
+            pool.sort();
+            let surplus = pool.len() - target;
+            for (_, pid) in pool.into_iter().take(surplus) {
                 self.stop_worker(pid, StopReason::ScaleDown);
             }
         }
-
-        // Workers on their way out keep serving until enough replacements are ready.
-        let ready = self
-            .workers
-            .values()
-            .filter(|w| w.stopping.is_none() && w.generation == current)
-            .filter(|w| state(w) == WorkerState::Ready)
-            .count();
-        let mut outgoing: Vec<(Instant, Pid, StopReason)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.stopping.is_none())
-            .filter_map(|(&pid, w)| {
-                let reason = match state(w) {
-                    WorkerState::Retiring if w.generation == current => {
-                        w.retire_reason.unwrap_or(StopReason::MaxRequests)
-                    }
-                    WorkerState::Ready | WorkerState::Retiring if w.generation < current => {
-                        StopReason::Reload
-                    }
-                    _ => return None,
-                };
-                Some((w.spawned_at, pid, reason))
-            })
-            .collect();
         outgoing.sort_by_key(|&(spawned, pid, _)| (spawned, pid));
         let drainable = (ready + outgoing.len()).saturating_sub(target);
         for (_, pid, reason) in outgoing.into_iter().take(drainable) {
@@ -854,16 +818,15 @@ impl Arbiter {
             let Some(uss) = crate::memory::private_bytes(pid.as_raw()) else {
                 continue;
             };
-            slot.private_bytes
-                .store(uss, std::sync::atomic::Ordering::Relaxed);
-            if limit == 0 || w.stopping.is_some() || slot.state() != WorkerState::Ready {
+            slot.set_private_bytes(uss);
+            if limit == 0 || w.phase != Phase::Serving || slot.state() != WorkerState::Ready {
                 continue;
             }
             w.memory_strikes = if uss > limit { w.memory_strikes + 1 } else { 0 };
             if w.memory_strikes >= MEMORY_STRIKES
                 && slot.transition(WorkerState::Ready, WorkerState::Retiring)
             {
-                w.retire_reason = Some(StopReason::Memory);
+                w.phase = Phase::Replacing(StopReason::Memory);
                 tracing::warn!(
                     pid = pid.as_raw(),
                     private_bytes = uss,
@@ -898,48 +861,37 @@ impl Arbiter {
         // without returning into the master's code.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
-                let code = self.become_worker(slot, max_requests);
+                let code = self.become_worker(self.scoreboard.slot(slot), max_requests);
                 std::process::exit(code);
             }
             Ok(ForkResult::Parent { child }) => {
-                self.scoreboard
-                    .slot(slot)
-                    .pid
-                    .store(child.as_raw(), std::sync::atomic::Ordering::Release);
-                self.workers.insert(
-                    child,
-                    Worker {
-                        slot,
-                        spawned_at: Instant::now(),
-                        ready_at: None,
-                        max_requests,
-                        generation: self.generation,
-                        memory_strikes: 0,
-                        retire_reason: None,
-                        stopping: None,
-                        kill_at: None,
-                    },
-                );
+                self.scoreboard.slot(slot).set_pid(child.as_raw());
+                let worker = Worker {
+                    slot,
+                    spawned_at: Instant::now(),
+                    max_requests,
+                    generation: self.generation,
+                    memory_strikes: 0,
+                    phase: Phase::Booting,
+                };
+                self.workers.insert(child, worker);
                 tracing::info!(pid = child.as_raw(), "booting worker");
                 true
             }
             Err(e) => {
                 self.scoreboard.release(slot);
                 tracing::error!(error = %e, "fork failed");
-                self.next_spawn_at = Instant::now() + BOOT_BACKOFF_START;
+                self.backoff.next_spawn_at = Instant::now() + BOOT_BACKOFF_START;
                 false
             }
         }
     }
 
     /// In the child: hand over what the worker needs and run it.
-    fn become_worker(&self, slot: usize, max_requests: u64) -> i32 {
-        let listeners: Result<Vec<BoundSocket>, _> = self
-            .listeners
-            .iter()
-            .map(|b| b.socket.try_clone())
-            .collect();
-        let wake = self.wake_write.try_clone().map(File::from);
+    fn become_worker(&self, slot: &'static WorkerSlot, max_requests: u64) -> i32 {
+        let listeners: Result<Vec<ListenSocket>, _> =
+            self.bindings.iter().map(|b| b.socket.try_clone()).collect();
+        let wake = self.nudges.write.try_clone().map(File::from);
         let (listeners, wake) = match (listeners, wake) {
             (Ok(l), Ok(w)) => (l, w),
             (Err(e), _) | (_, Err(e)) => {
@@ -949,7 +901,7 @@ impl Arbiter {
         };
         forkserve_worker::run(WorkerContext {
             listeners,
-            slot: self.scoreboard.slot(slot),
+            slot,
             board: self.scoreboard.board(),
             embedder: self.embedder.clone(),
             settings: self.config.worker_settings(max_requests),
@@ -960,33 +912,24 @@ impl Arbiter {
 
     /// Ask a worker to finish its in-flight requests and exit; SIGKILL after graceful_timeout.
     fn stop_worker(&mut self, pid: Pid, reason: StopReason) {
-        let grace = secs(self.config.graceful_timeout);
-        if let Some(w) = self.workers.get_mut(&pid) {
-            if w.stopping.is_some() {
-                return;
-            }
-            w.stopping = Some(reason);
-            // A little over the worker's own budget, so a worker that drains on time exits by
-            // itself rather than being killed at the same instant.
-            w.kill_at = Some(Instant::now() + grace + Duration::from_millis(500));
+        let kill_at = Instant::now() + secs(self.config.graceful_timeout) + KILL_MARGIN;
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if w.phase.stop_reason().is_some() {
+            return;
         }
+        w.phase = Phase::Stopping { reason, kill_at };
         tracing::info!(
             pid = pid.as_raw(),
             reason = reason.describe(),
             "stopping worker"
         );
-        self.kill_worker(pid, Signal::SIGTERM);
+        signal_worker(pid, Signal::SIGTERM);
     }
 
-    fn kill_worker(&self, pid: Pid, sig: Signal) {
-        match kill(pid, sig) {
-            // Already gone: it will be reaped.
-            Ok(()) | Err(nix::Error::ESRCH) => {}
-            Err(e) => tracing::error!(pid = pid.as_raw(), signal = %sig, error = %e, "kill failed"),
-        }
-    }
-
-    /// Stop every worker: SIGTERM (graceful) or SIGQUIT (fast), then SIGKILL at the deadline.
+    /// Stop every worker: SIGTERM (graceful) or SIGQUIT (fast); the deadline rule kills the
+    /// ones still there after graceful_timeout.
     fn begin_shutdown(&mut self, graceful: bool, exit_code: i32) {
         let escalate = match &self.shutdown {
             None => true,
@@ -996,8 +939,7 @@ impl Arbiter {
         if !escalate {
             return;
         }
-        let grace = secs(self.config.graceful_timeout);
-        let kill_at = Instant::now() + grace + Duration::from_millis(500);
+        let kill_at = Instant::now() + secs(self.config.graceful_timeout) + KILL_MARGIN;
         let exit_code = self
             .shutdown
             .as_ref()
@@ -1005,7 +947,6 @@ impl Arbiter {
         self.shutdown = Some(Shutdown {
             graceful,
             exit_code,
-            kill_at,
         });
         self.systemd.notify("STOPPING=1");
         let sig = if graceful {
@@ -1013,39 +954,44 @@ impl Arbiter {
         } else {
             Signal::SIGQUIT
         };
-        let pids: Vec<Pid> = self.workers.keys().copied().collect();
-        for pid in pids {
-            if let Some(w) = self.workers.get_mut(&pid) {
-                if w.stopping.is_none() || !graceful {
-                    w.stopping.get_or_insert(StopReason::Shutdown);
-                    w.kill_at = Some(kill_at);
-                }
-            }
-            self.kill_worker(pid, sig);
+        for (&pid, w) in self.workers.iter_mut() {
+            w.phase = match w.phase {
+                Phase::Killed(_) => continue,
+                // Already stopping gracefully: a graceful shutdown changes nothing for it.
+                Phase::Stopping { .. } if graceful => w.phase,
+                Phase::Stopping { reason, .. } => Phase::Stopping { reason, kill_at },
+                _ => Phase::Stopping {
+                    reason: StopReason::Shutdown,
+                    kill_at,
+                },
+            };
+            signal_worker(pid, sig);
         }
     }
 
-    /// During shutdown: the exit code once every worker is gone; SIGKILL for the late ones.
-    fn finished(&mut self) -> Option<i32> {
-        let shutdown = self.shutdown.as_mut()?;
-        if self.workers.is_empty() {
-            tracing::info!("shutting down: all workers stopped");
-            return Some(shutdown.exit_code);
+    /// During shutdown, once every worker is gone: the exit code.
+    fn shutdown_complete(&self) -> Option<i32> {
+        let shutdown = self.shutdown.as_ref()?;
+        if !self.workers.is_empty() {
+            return None;
         }
-        let now = Instant::now();
-        if now >= shutdown.kill_at {
-            // Once a second until they are reaped, not on every turn of the loop.
-            shutdown.kill_at = now + MAX_SLEEP;
-            let pids: Vec<Pid> = self.workers.keys().copied().collect();
-            for pid in pids {
-                tracing::warn!(
-                    pid = pid.as_raw(),
-                    "worker still running after graceful_timeout; killing it"
-                );
-                self.kill_worker(pid, Signal::SIGKILL);
-            }
-        }
-        None
+        tracing::info!("shutting down: all workers stopped");
+        Some(shutdown.exit_code)
+    }
+}
+
+/// Milliseconds until a worker whose last sign of progress was at `since_ms` counts as hung;
+/// 0 once it does.
+fn hung_in(since_ms: u64, timeout_ms: u64, now_ms: u64) -> u64 {
+    // Hung when silent for more than timeout: due one millisecond after the timeout.
+    (since_ms + timeout_ms + 1).saturating_sub(now_ms)
+}
+
+fn signal_worker(pid: Pid, sig: Signal) {
+    match kill(pid, sig) {
+        // Already gone: it will be reaped.
+        Ok(()) | Err(nix::Error::ESRCH) => {}
+        Err(e) => tracing::error!(pid = pid.as_raw(), signal = %sig, error = %e, "kill failed"),
     }
 }
 
@@ -1076,5 +1022,27 @@ pub fn assert_single_threaded() -> Result<(), String> {
         Err(format!(
             "the master has {count} threads; it must have 1 before fork"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hung_one_millisecond_after_the_timeout() {
+        assert_eq!(hung_in(1_000, 500, 1_200), 301);
+        assert_eq!(hung_in(1_000, 500, 1_500), 1);
+        assert_eq!(hung_in(1_000, 500, 1_501), 0);
+        assert_eq!(hung_in(1_000, 500, 9_000), 0);
+    }
+
+    #[test]
+    fn a_shutdown_replaces_nothing() {
+        assert_eq!(StopReason::Shutdown.restart(), None);
+        assert_eq!(
+            StopReason::BootTimeout.restart(),
+            Some(RestartReason::BootFailure)
+        );
     }
 }

@@ -9,6 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use forkserve_worker::logging;
 use forkserve_worker::model::Backend;
 use forkserve_worker::settings::{ClusterDefaults, HttpLimits, WorkerSettings};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -74,7 +75,7 @@ pub struct Config {
 pub struct ModelConfig {
     pub path: PathBuf,
     pub name: Option<String>,
-    pub backend: String,
+    pub backend: Backend,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -82,14 +83,17 @@ pub struct ModelConfig {
 pub struct ClusterConfig {
     pub threshold: f32,
     pub min_cluster_size: usize,
+    pub max_sentences: usize,
+    pub max_body_bytes: usize,
+    pub max_agglomerative_sentences: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    pub level: String,
+    pub level: logging::Level,
     pub file: Option<PathBuf>,
-    pub format: String,
+    pub format: logging::Format,
     pub access_log: bool,
     pub access_log_file: Option<PathBuf>,
     pub access_log_format: Option<String>,
@@ -734,6 +738,9 @@ impl Config {
             cluster: ClusterDefaults {
                 threshold: self.cluster.threshold,
                 min_cluster_size: self.cluster.min_cluster_size,
+                max_sentences: self.cluster.max_sentences,
+                max_body_bytes: self.cluster.max_body_bytes,
+                max_agglomerative_sentences: self.cluster.max_agglomerative_sentences,
             },
             boot_delay: secs(self.testing.boot_delay),
             run_as: self.run_as,
@@ -748,10 +755,6 @@ impl Config {
                 .as_ref()
                 .map(|_| self.access_log_format()),
         }
-    }
-
-    pub fn backend(&self) -> Backend {
-        Backend::parse(&self.model.backend).unwrap_or(Backend::Fast)
     }
 
     /// The model's public name: `model.name`, or the model directory's name.
@@ -1017,7 +1020,7 @@ mod tests {
         assert_eq!(c.bind, ["0.0.0.0:8001", "unix:/tmp/x.sock"]);
         assert_eq!((c.timeout, c.keepalive), (0.0, 0.0));
         assert_eq!(c.umask, Some(0o27));
-        assert_eq!(c.log.level, "warning");
+        assert_eq!(c.log.level, logging::Level::Warning);
         assert!(
             from_str("boot_timeout = 0").is_err(),
             "0 has no meaning for boot_timeout"

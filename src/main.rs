@@ -25,7 +25,7 @@ use forkserve_worker::{logging, Embedder, SentenceEncoder};
 use crate::arbiter::{Arbiter, MasterParts};
 use crate::config::{Config, ConfigSource};
 use crate::pidfile::Pidfile;
-use crate::reexec::Invocation;
+use crate::reexec::{Invocation, Upgrade};
 
 /// Exit codes of the master (3, workers failing to boot, is the arbiter's).
 const EXIT_FAILURE: u8 = 1;
@@ -121,8 +121,11 @@ fn main() -> ExitCode {
     if let Some(mask) = config.umask {
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
     }
-    let json = config.log.format == "json";
-    if let Err(e) = logging::init(&config.log.level, config.log.file.as_deref(), json) {
+    if let Err(e) = logging::init(
+        config.log.level,
+        config.log.file.as_deref(),
+        config.log.format,
+    ) {
         eprintln!("forkserve: configuration error: log.file: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
@@ -204,13 +207,13 @@ fn start(
 
     let loading = Instant::now();
     let model_identity = ModelIdentity::of(&config.model.path);
-    let model = SentenceEncoder::load_with(&config.model.path, config.backend())
+    let model = SentenceEncoder::load_with(&config.model.path, config.model.backend)
         .map_err(|e| (EXIT_CONFIG, format!("model.path: {e}")))?;
     let info = model.info();
     tracing::info!(
         path = %config.model.path.display(),
         load_ms = loading.elapsed().as_millis() as u64,
-        backend = %config.model.backend,
+        backend = config.model.backend.name(),
         architecture = %info.model_type,
         pooling = %info.pooling.join("+"),
         dimension = info.dimension,
@@ -248,15 +251,13 @@ fn start(
     );
     let parts = MasterParts {
         source,
-        listeners,
+        bindings: listeners,
         model,
         model_identity,
         scoreboard,
         signals,
-        pidfile,
-        upgraded_from,
         socket_activated,
-        invocation,
+        upgrade: Upgrade::new(invocation, upgraded_from, pidfile),
     };
     let arbiter = Arbiter::new(config, parts)
         .map_err(|e| (EXIT_FAILURE, format!("cannot create the wake-up pipe: {e}")))?;

@@ -5,7 +5,8 @@
 
 use std::num::NonZeroUsize;
 
-use forkserve_worker::protocol::{Board, SharedMetrics, WorkerSlot, WorkerState};
+use forkserve_worker::protocol::{WorkerSlot, WorkerState};
+use forkserve_worker::shared_metrics::{SharedBoard, SharedMetrics};
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 
 pub struct Scoreboard {
@@ -42,8 +43,8 @@ impl Scoreboard {
         Ok(Scoreboard { slots, metrics })
     }
 
-    pub fn board(&self) -> Board {
-        Board {
+    pub fn board(&self) -> SharedBoard {
+        SharedBoard {
             slots: self.slots,
             metrics: self.metrics,
         }
@@ -66,9 +67,7 @@ impl Scoreboard {
 
     /// Give a reaped worker's slot back.
     pub fn release(&self, index: usize) {
-        let slot = &self.slots[index];
-        slot.pid.store(0, std::sync::atomic::Ordering::Relaxed);
-        slot.set_state(WorkerState::Free);
+        self.slots[index].free();
     }
 
     pub fn slot(&self, index: usize) -> &'static WorkerSlot {
@@ -83,7 +82,6 @@ impl Scoreboard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
 
     #[test]
     fn slots_are_claimed_and_released() {
@@ -105,12 +103,12 @@ mod tests {
         // so forking from a multi-threaded test binary cannot deadlock the child.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
-                board.slot(i).requests.store(42, Ordering::Release);
+                board.slot(i).count_request();
                 unsafe { nix::libc::_exit(0) };
             }
             nix::unistd::ForkResult::Parent { child } => {
                 nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(board.slot(i).requests.load(Ordering::Acquire), 42);
+                assert_eq!(board.slot(i).requests(), 1);
             }
         }
     }

@@ -7,7 +7,7 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
-use forkserve_worker::listener::BoundSocket;
+use forkserve_worker::listener::ListenSocket;
 use socket2::{Domain, Socket, Type};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,16 +79,21 @@ impl fmt::Display for BindAddress {
     }
 }
 
-/// A bound socket, what to call it in logs, and the `bind` entry it came from.
-pub struct Bound {
-    pub socket: BoundSocket,
+/// One `bind` entry, bound: its listening socket, what to call it in logs, and the entry.
+/// (The worker gets the `ListenSocket` alone and accepts on it as its async `Listener`.)
+pub struct Binding {
+    pub socket: ListenSocket,
     pub name: String,
     pub spec: String,
 }
 
-impl Bound {
-    pub fn try_clone(&self) -> io::Result<Bound> {
-        Ok(Bound {
+impl Binding {
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.socket)
+    }
+
+    pub fn try_clone(&self) -> io::Result<Binding> {
+        Ok(Binding {
             socket: self.socket.try_clone()?,
             name: self.name.clone(),
             spec: self.spec.clone(),
@@ -102,7 +107,7 @@ pub const INHERITED_FDS_ENV: &str = "FORKSERVE_FDS";
 
 /// Adopt listening sockets passed by the previous master (`FORKSERVE_FDS`). Their addresses
 /// come from the sockets themselves.
-pub fn inherit(fds: &str) -> io::Result<Vec<Bound>> {
+pub fn inherit(fds: &str) -> io::Result<Vec<Binding>> {
     let mut out = Vec::new();
     for part in fds.split(',').filter(|p| !p.trim().is_empty()) {
         let fd: i32 = part.trim().parse().map_err(|_| {
@@ -118,7 +123,7 @@ pub fn inherit(fds: &str) -> io::Result<Vec<Bound>> {
 
 /// Take a listening socket this process was given (by a previous master, or as `fd://N`).
 /// `spec` is the `bind` entry it stands for; None: its own address.
-fn adopt(fd: i32, spec: Option<&str>) -> io::Result<Bound> {
+fn adopt(fd: i32, spec: Option<&str>) -> io::Result<Binding> {
     use std::os::fd::{FromRawFd, OwnedFd};
     // The fd must be a socket we can ask its address of; anything else is refused before
     // we take ownership of it.
@@ -144,16 +149,16 @@ fn adopt(fd: i32, spec: Option<&str>) -> io::Result<Bound> {
             Some(p) => format!("unix:{}", p.display()),
             None => "unix:(unnamed)".to_string(),
         };
-        Bound {
-            socket: BoundSocket::Unix(l),
+        Binding {
+            socket: ListenSocket::Unix(l),
             spec: spec.map_or_else(|| name.clone(), str::to_string),
             name,
         }
     } else {
         let l = std::net::TcpListener::from(owned);
         let local = l.local_addr()?.to_string();
-        Bound {
-            socket: BoundSocket::Tcp(l),
+        Binding {
+            socket: ListenSocket::Tcp(l),
             name: format!("http://{local}"),
             spec: spec.map_or(local, str::to_string),
         }
@@ -165,7 +170,7 @@ pub fn bind_all(
     addresses: &[String],
     backlog: u32,
     socket_mode: Option<u32>,
-) -> io::Result<Vec<Bound>> {
+) -> io::Result<Vec<Binding>> {
     let mut out = Vec::new();
     for text in addresses {
         let addr = BindAddress::parse(text)
@@ -183,8 +188,8 @@ pub fn bind_all(
                     let listener = bind_tcp(sa, backlog)
                         .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {sa}: {e}")))?;
                     let name = format!("http://{}", listener.local_addr()?);
-                    out.push(Bound {
-                        socket: BoundSocket::Tcp(listener),
+                    out.push(Binding {
+                        socket: ListenSocket::Tcp(listener),
                         name,
                         spec: text.clone(),
                     });
@@ -198,8 +203,8 @@ pub fn bind_all(
                         format!("cannot bind unix:{}: {e}", path.display()),
                     )
                 })?;
-                out.push(Bound {
-                    socket: BoundSocket::Unix(listener),
+                out.push(Binding {
+                    socket: ListenSocket::Unix(listener),
                     name: format!("unix:{}", path.display()),
                     spec: text.clone(),
                 });

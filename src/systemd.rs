@@ -23,6 +23,24 @@ pub struct Notifier {
     last_watchdog: Option<Instant>,
     last_status: String,
     last_status_at: Option<Instant>,
+    /// The worker-count part of the last STATUS=: a change of it is sent at once.
+    last_counts: String,
+    /// READY=1 was sent for the current generation of workers.
+    ready_sent: bool,
+    /// Why the last reload was refused, shown in STATUS= until a reload succeeds.
+    reload_refused: Option<String>,
+}
+
+/// What the master reports in STATUS= (what `systemctl status` shows).
+pub struct PoolStatus {
+    pub ready: usize,
+    pub booting: usize,
+    pub stopping: usize,
+    /// The configured worker count.
+    pub target: usize,
+    pub requests_served: u64,
+    /// Shutting down: gracefully (true) or fast.
+    pub shutting_down: Option<bool>,
 }
 
 impl Notifier {
@@ -54,7 +72,69 @@ impl Notifier {
             last_watchdog: None,
             last_status: String::new(),
             last_status_at: None,
+            last_counts: String::new(),
+            ready_sent: false,
+            reload_refused: None,
         }
+    }
+
+    /// READY=1, once per generation of workers (`main_pid`: this master replaces another,
+    /// started by USR2, and says it is the service's main process now). True if sent now.
+    pub fn ready(&mut self, main_pid: Option<i32>) -> bool {
+        if self.ready_sent {
+            return false;
+        }
+        self.ready_sent = true;
+        match main_pid {
+            Some(pid) => self.notify(&format!("MAINPID={pid}\nREADY=1")),
+            None => self.notify("READY=1"),
+        }
+        true
+    }
+
+    pub fn is_ready_sent(&self) -> bool {
+        self.ready_sent
+    }
+
+    /// A reload was applied: READY=1 again once its new generation is all ready.
+    pub fn reload_applied(&mut self) {
+        self.ready_sent = false;
+        self.reload_refused = None;
+    }
+
+    /// A reload changed nothing: systemd hears READY=1 after the RELOADING=1, and `systemctl
+    /// status` shows why until a reload succeeds.
+    pub fn reload_refused(&mut self, why: &str) {
+        self.notify("READY=1");
+        self.reload_refused = Some(why.to_string());
+        self.last_counts.clear(); // send the new STATUS= at once
+    }
+
+    /// The watchdog ping if due, and STATUS= with the pool's counts: a change of the counts
+    /// at once, the request count at most once per `STATUS_PERIOD`.
+    pub fn report(&mut self, pool: &PoolStatus) {
+        self.keep_alive();
+        if self.socket.is_none() {
+            return; // nothing to format the status for
+        }
+        let state = match pool.shutting_down {
+            Some(true) => "stopping (graceful); ",
+            Some(false) => "stopping; ",
+            None => "",
+        };
+        let mut counts = format!(
+            "{state}workers: {} ready, {} booting, {} stopping (target {})",
+            pool.ready, pool.booting, pool.stopping, pool.target
+        );
+        if let Some(why) = &self.reload_refused {
+            counts = format!("reload failed, previous configuration kept ({why}); {counts}");
+        }
+        let changed = counts != self.last_counts;
+        self.status(
+            &format!("{counts}; requests served: {}", pool.requests_served),
+            changed,
+        );
+        self.last_counts = counts;
     }
 
     /// Send `message` (newline-separated `KEY=value` pairs). Failures are logged, never fatal:
@@ -67,11 +147,6 @@ impl Notifier {
         }
     }
 
-    /// Whether there is a systemd to tell anything (`NOTIFY_SOCKET` set).
-    pub fn is_listening(&self) -> bool {
-        self.socket.is_some()
-    }
-
     /// `RELOADING=1`, with the `MONOTONIC_USEC` that systemd 253+ asks for alongside it.
     pub fn reloading(&self) {
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -82,7 +157,7 @@ impl Notifier {
 
     /// `STATUS=<text>` when the text changed, at most once per `STATUS_PERIOD` unless `now`
     /// (a change of state worth showing at once, like a worker count).
-    pub fn status(&mut self, text: &str, now: bool) {
+    fn status(&mut self, text: &str, now: bool) {
         if self.socket.is_none() || text == self.last_status {
             return;
         }
@@ -99,7 +174,7 @@ impl Notifier {
     }
 
     /// `WATCHDOG=1` if one is due. Called on every turn of the master's loop.
-    pub fn keep_alive(&mut self) {
+    fn keep_alive(&mut self) {
         let Some(every) = self.watchdog_every else {
             return;
         };

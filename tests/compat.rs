@@ -376,7 +376,7 @@ fn per_worker_metrics_stay_bounded_when_workers_recycle() {
         }
     }
     assert!(pids.len() >= 52, "only {} workers served", pids.len());
-    // Three gauges per slot. A slot is in use from fork to reap, so while workers recycle
+    // Four gauges per slot (pid, requests, in flight, private memory). A slot is in use from fork to reap, so while workers recycle
     // every two requests a worker's slot can be held by the draining, the retiring and the
     // new process at once: at most three slots per configured worker, whatever the count of
     // workers that came and went.
@@ -390,6 +390,6 @@ fn per_worker_metrics_stay_bounded_when_workers_recycle() {
         slots.len(),
         pids.len()
     );
-    assert_eq!(series.len(), 3 * slots.len(), "{series:?}");
+    assert_eq!(series.len(), 4 * slots.len(), "{series:?}");
     assert!(series.iter().all(|s| !s.contains("pid=")));
 }

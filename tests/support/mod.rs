@@ -247,6 +247,36 @@ impl Server {
         send_signal(self.pid(), sig);
     }
 
+    /// `GET /metrics` (from whichever worker answers: the counters are server-wide).
+    pub fn metrics(&self) -> String {
+        String::from_utf8_lossy(&self.get("/metrics").body).into_owned()
+    }
+
+    /// One sample of /metrics, by its full name and labels as written, e.g.
+    /// `forkserve_worker_restarts_total{reason="crash"}`; 0 if absent or unreachable.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let Ok(r) = request(self.port, "GET", "/metrics", &[], b"") else {
+            return 0.0;
+        };
+        metric_value(&String::from_utf8_lossy(&r.body), sample)
+    }
+
+    /// Wait until `forkserve_workers{state="ready"}` is `n` and the master has `n` workers.
+    pub fn wait_ready_workers(&self, n: usize, timeout: Duration) {
+        eventually(&format!("{n} ready workers"), timeout, || {
+            self.metric("forkserve_workers{state=\"ready\"}") == n as f64
+                && self.worker_pids().len() == n
+        });
+    }
+
+    /// Wait until a worker restart counted for `reason` reaches `n`.
+    pub fn wait_restarts(&self, reason: &str, n: usize, timeout: Duration) {
+        let sample = format!("forkserve_worker_restarts_total{{reason=\"{reason}\"}}");
+        eventually(&format!("{n} restarts for {reason}"), timeout, || {
+            self.metric(&sample) >= n as f64
+        });
+    }
+
     /// Pids of this master's live workers (children in /proc).
     pub fn worker_pids(&self) -> BTreeSet<i32> {
         children_of(self.pid())
@@ -286,6 +316,20 @@ impl Drop for Server {
 
 /// A port nothing listens on right now (bound and released), for tests that must choose the
 /// port themselves (a gunicorn command line, `PORT`).
+/// The value of one sample line of Prometheus text (name and labels exactly as written).
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .next()
+        .unwrap_or(0.0)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -21,11 +21,32 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use crate::embedder::{EmbedError, Embedder, Tokens};
-use crate::protocol::{monotonic_ms, SharedMetrics, WorkerSlot};
+use crate::protocol::{monotonic_ms, WorkerSlot};
+use crate::shared_metrics::SharedMetrics;
 
-/// A unit of work for the compute thread. It may hand back a request to embed, which then joins
-/// the coming pass (tokenizing a request is such a job).
-type Job = Box<dyn FnOnce(&dyn Embedder) -> Option<EmbedTask> + Send>;
+/// A unit of work for the compute thread.
+type Job = Box<dyn FnOnce(&dyn Embedder) -> Next + Send>;
+
+/// What a job leaves behind.
+enum Next {
+    Done,
+    /// A request to embed, which joins the coming pass (tokenizing a request is such a job).
+    Embed(EmbedTask),
+    /// The rest of a long job (clustering thousands of sentences), run after the coming pass
+    /// so that other requests are served between its steps.
+    Later(Job),
+}
+
+/// Called with the number of a request's sentences embedded so far, after each pass.
+pub type Progress = Box<dyn Fn(usize) + Send>;
+
+/// Work done in bounded steps on the compute thread, other requests' passes between them.
+pub trait Stepwise: Send + 'static {
+    type Output: Send + 'static;
+    /// One bounded step; true when only `finish` is left.
+    fn step(&mut self) -> bool;
+    fn finish(self) -> Self::Output;
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ComputeError {
@@ -46,6 +67,7 @@ struct EmbedTask {
     next: usize,
     vectors: Vec<Vec<f32>>,
     reply: oneshot::Sender<Result<Vec<Vec<f32>>, ComputeError>>,
+    progress: Option<Progress>,
 }
 
 impl EmbedTask {
@@ -133,9 +155,41 @@ impl Compute {
         let job: Job = Box::new(move |embedder| {
             // The requester may have gone (client disconnected); nothing to do then.
             let _ = tx.send(f(embedder));
-            None
+            Next::Done
         });
         self.work.send(job).map_err(|_| ComputeError::Failed)?;
+        rx.await.map_err(|_| ComputeError::Failed)
+    }
+
+    /// Run `work` step by step on the compute thread; `progress` sees it after every step but
+    /// the last. If the requester goes away (its client disconnected), no further step runs.
+    pub async fn run_stepwise<S, P>(&self, work: S, progress: P) -> Result<S::Output, ComputeError>
+    where
+        S: Stepwise,
+        P: Fn(&S) + Send + 'static,
+    {
+        fn next_step<S: Stepwise, P: Fn(&S) + Send + 'static>(
+            mut work: S,
+            progress: P,
+            reply: oneshot::Sender<S::Output>,
+        ) -> Job {
+            Box::new(move |_| {
+                if reply.is_closed() {
+                    return Next::Done; // cancelled
+                }
+                if work.step() {
+                    let _ = reply.send(work.finish());
+                    return Next::Done;
+                }
+                progress(&work);
+                Next::Later(next_step(work, progress, reply))
+            })
+        }
+        let _place = self.place()?;
+        let (tx, rx) = oneshot::channel();
+        self.work
+            .send(next_step(work, progress, tx))
+            .map_err(|_| ComputeError::Failed)?;
         rx.await.map_err(|_| ComputeError::Failed)
     }
 
@@ -145,7 +199,12 @@ impl Compute {
     /// would wait one pass more (measured behind a large job: 3.1 passes instead of 2).
     /// Returns one vector per sentence in input order, and the number of tokens run; or the
     /// tokenizer's error.
-    pub async fn embed<E, F>(&self, tokenize: F) -> Result<Result<Embedded, E>, ComputeError>
+    /// `progress`, if any, hears how many sentences are done after each pass.
+    pub async fn embed<E, F>(
+        &self,
+        tokenize: F,
+        progress: Option<Progress>,
+    ) -> Result<Result<Embedded, E>, ComputeError>
     where
         E: Send + 'static,
         F: FnOnce(&dyn Embedder) -> Result<Vec<Tokens>, E> + Send + 'static,
@@ -158,22 +217,23 @@ impl Compute {
                 Ok(tokens) => tokens,
                 Err(e) => {
                     let _ = tokenized_tx.send(Err(e));
-                    return None;
+                    return Next::Done;
                 }
             };
             let _ = tokenized_tx.send(Ok(tokens.iter().map(Tokens::len).sum()));
             if tokens.is_empty() {
                 let _ = reply.send(Ok(Vec::new()));
-                return None;
+                return Next::Done;
             }
             let mut order: Vec<usize> = (0..tokens.len()).collect();
             order.sort_by_key(|&i| tokens[i].len());
-            Some(EmbedTask {
+            Next::Embed(EmbedTask {
                 vectors: vec![Vec::new(); tokens.len()],
                 tokens,
                 order,
                 next: 0,
                 reply,
+                progress,
             })
         });
         self.work.send(job).map_err(|_| ComputeError::Failed)?;
@@ -203,7 +263,10 @@ impl Runner {
     fn run(&self, queue: Receiver<Job>) {
         let mut jobs: VecDeque<Job> = VecDeque::new();
         let mut tasks: Vec<EmbedTask> = Vec::new();
+        // The next steps of long jobs, run after the coming pass.
+        let mut later: Vec<Job> = Vec::new();
         loop {
+            jobs.extend(later.drain(..));
             // Block only when there is nothing to do; otherwise take whatever has arrived.
             if jobs.is_empty() && tasks.is_empty() {
                 match queue.recv() {
@@ -217,8 +280,10 @@ impl Runner {
             // Jobs first: they are short (tokenizing a request, clustering its vectors), and a
             // request tokenized now joins the coming pass.
             while let Some(job) = jobs.pop_front() {
-                if let Some(Some(task)) = self.guarded(|| job(self.embedder.as_ref())) {
-                    tasks.push(task);
+                match self.guarded(|| job(self.embedder.as_ref())) {
+                    Some(Next::Embed(task)) => tasks.push(task),
+                    Some(Next::Later(job)) => later.push(job),
+                    Some(Next::Done) | None => {}
                 }
                 while let Ok(work) = queue.try_recv() {
                     jobs.push_back(work);
@@ -238,11 +303,9 @@ impl Runner {
         // busy_since lets the master see a computation that makes no progress, even though
         // this worker's I/O loop keeps beating. It moves on after every pass and job, so a
         // long but progressing request is not mistaken for a hang.
-        self.slot
-            .busy_since_ms
-            .store(monotonic_ms(), Ordering::Release);
+        self.slot.set_busy_since(Some(monotonic_ms()));
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        self.slot.busy_since_ms.store(0, Ordering::Release);
+        self.slot.set_busy_since(None);
         if outcome.is_err() {
             tracing::error!("a computation panicked; the requests it served get a 500");
         }
@@ -285,8 +348,17 @@ impl Runner {
             .count_batch(batch.len(), requests, tokens, padded);
         match result {
             Some(Ok(vectors)) => {
-                for ((t, i), v) in picked.into_iter().zip(vectors) {
+                for (&(t, i), v) in picked.iter().zip(vectors) {
                     tasks[t].vectors[i] = v;
+                }
+                let mut reported = usize::MAX;
+                for &(t, _) in &picked {
+                    if t != reported {
+                        reported = t;
+                        if let Some(progress) = &tasks[t].progress {
+                            progress(tasks[t].next);
+                        }
+                    }
                 }
             }
             failed => {

@@ -13,6 +13,7 @@ pub mod model;
 pub mod proctitle;
 pub mod protocol;
 pub mod settings;
+pub mod shared_metrics;
 pub mod worker;
 
 pub use embedder::{Embedder, Tokens};

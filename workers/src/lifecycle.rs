@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::Ordering;
 
 use crate::protocol::{WorkerSlot, WorkerState};
 
@@ -46,10 +45,16 @@ impl Lifecycle {
         self.wake_master();
     }
 
+    /// A request has started: counted in flight until the guard is dropped.
+    pub fn request_started(&self) -> InFlight {
+        self.slot.add_in_flight(1);
+        InFlight(self.slot)
+    }
+
     /// Count one answered request; past `max_requests`, ask the master for a replacement. The
     /// worker keeps serving until the master tells it to drain, so capacity never dips.
     pub fn request_done(&self) {
-        let served = self.slot.requests.fetch_add(1, Ordering::AcqRel) + 1;
+        let served = self.slot.count_request();
         if self.max_requests > 0
             && served >= self.max_requests
             && self
@@ -67,5 +72,14 @@ impl Lifecycle {
     /// One byte into the master's pipe; if the pipe is full the master is awake anyway.
     fn wake_master(&self) {
         let _ = (&self.wake).write(&[1]);
+    }
+}
+
+/// One request in flight in this worker's slot (`forkserve_worker_in_flight`), until dropped.
+pub struct InFlight(&'static WorkerSlot);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.add_in_flight(-1);
     }
 }

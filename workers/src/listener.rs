@@ -10,16 +10,16 @@ use tokio::net::{TcpStream, UnixStream};
 
 /// A bound, listening socket, as the master creates it (blocking, std types).
 #[derive(Debug)]
-pub enum BoundSocket {
+pub enum ListenSocket {
     Tcp(std::net::TcpListener),
     Unix(std::os::unix::net::UnixListener),
 }
 
-impl BoundSocket {
-    pub fn try_clone(&self) -> io::Result<BoundSocket> {
+impl ListenSocket {
+    pub fn try_clone(&self) -> io::Result<ListenSocket> {
         Ok(match self {
-            BoundSocket::Tcp(l) => BoundSocket::Tcp(l.try_clone()?),
-            BoundSocket::Unix(l) => BoundSocket::Unix(l.try_clone()?),
+            ListenSocket::Tcp(l) => ListenSocket::Tcp(l.try_clone()?),
+            ListenSocket::Unix(l) => ListenSocket::Unix(l.try_clone()?),
         })
     }
 
@@ -29,14 +29,14 @@ impl BoundSocket {
         // fd stays open, refers to the same socket and is what `as_raw_fd` returns for as long
         // as the AsyncFd lives — the contract of `AsyncFd::register_with_interest`.
         Ok(match self {
-            BoundSocket::Tcp(l) => {
+            ListenSocket::Tcp(l) => {
                 l.set_nonblocking(true)?;
                 Listener::Tcp(
                     unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
                         .map_err(io::Error::from)?,
                 )
             }
-            BoundSocket::Unix(l) => {
+            ListenSocket::Unix(l) => {
                 l.set_nonblocking(true)?;
                 Listener::Unix(
                     unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
@@ -47,11 +47,11 @@ impl BoundSocket {
     }
 }
 
-impl std::os::fd::AsRawFd for BoundSocket {
+impl std::os::fd::AsRawFd for ListenSocket {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         match self {
-            BoundSocket::Tcp(l) => l.as_raw_fd(),
-            BoundSocket::Unix(l) => l.as_raw_fd(),
+            ListenSocket::Tcp(l) => l.as_raw_fd(),
+            ListenSocket::Unix(l) => l.as_raw_fd(),
         }
     }
 }

@@ -60,24 +60,52 @@ pub fn write_access(line: &str) -> bool {
     }
 }
 
-/// A level by tracing's names or gunicorn's (`warning`, `critical`).
-pub fn parse_level(level: &str) -> LevelFilter {
-    match level {
-        "warning" => LevelFilter::WARN,
-        "critical" => LevelFilter::ERROR,
-        other => other.parse().unwrap_or(LevelFilter::INFO),
+/// `log.level`: tracing's names and gunicorn's (`warning`, `critical`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    #[serde(alias = "warn")]
+    Warning,
+    Error,
+    /// gunicorn's highest level; tracing has nothing above error.
+    Critical,
+}
+
+impl Level {
+    fn filter(self) -> LevelFilter {
+        match self {
+            Level::Trace => LevelFilter::TRACE,
+            Level::Debug => LevelFilter::DEBUG,
+            Level::Info => LevelFilter::INFO,
+            Level::Warning => LevelFilter::WARN,
+            Level::Error | Level::Critical => LevelFilter::ERROR,
+        }
     }
 }
 
-/// Install the subscriber. `file` None logs to stderr; `json` writes one JSON object per line.
-pub fn init(level: &str, file: Option<&Path>, json: bool) -> io::Result<()> {
+/// `log.format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Install the subscriber. `file` None logs to stderr.
+pub fn init(level: Level, file: Option<&Path>, format: Format) -> io::Result<()> {
+    let json = format == Format::Json;
     let opened = match file {
         // gunicorn's "-": the standard stream.
         Some(path) if path == Path::new("-") => None,
         Some(path) => Some((path.to_path_buf(), open_append(path)?)),
         None => None,
     };
-    let (filter, handle) = reload::Layer::new(parse_level(level));
+    let (filter, handle) = reload::Layer::new(level.filter());
     let text = (!json).then(|| {
         tracing_subscriber::fmt::layer()
             .with_target(false)
@@ -115,9 +143,9 @@ pub fn is_json() -> bool {
 }
 
 /// Change the level (HUP with a new `log.level`).
-pub fn set_level(level: &str) {
+pub fn set_level(level: Level) {
     if let Some(state) = STATE.get() {
-        let _ = state.level.modify(|f| *f = parse_level(level));
+        let _ = state.level.modify(|f| *f = level.filter());
     }
 }
 

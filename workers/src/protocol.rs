@@ -1,10 +1,10 @@
-//! The contract between the master and its workers, in one place: worker states, exit codes and
-//! the layout of a scoreboard slot. The master maps the slots in shared memory (see the master's
-//! `scoreboard` module); a worker only ever touches its own slot, through these atomics.
+//! The contract between the master and its workers, on one screen: exit codes, worker states,
+//! why workers are replaced, and the layout of a scoreboard slot. The master maps the slots in
+//! shared memory (the master's `scoreboard` module); a worker only ever writes its own slot,
+//! and both sides go through the accessors below, which fix each field's memory ordering once.
+//! (The server-wide counters that share the mapping are in `shared_metrics`.)
 
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
-
-use crate::http::routes::Route;
 
 /// Exit code of a worker that could not finish booting (runtime, warm-up). Same number as
 /// gunicorn's `WORKER_BOOT_ERROR`, so ops reading exit codes see familiar values.
@@ -51,6 +51,45 @@ impl WorkerState {
     }
 }
 
+/// Why the master replaced a worker, as `/metrics` counts it
+/// (`forkserve_worker_restarts_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum RestartReason {
+    MaxRequests,
+    Memory,
+    Reload,
+    Timeout,
+    BootFailure,
+    Crash,
+    ScaleDown,
+}
+
+impl RestartReason {
+    pub const ALL: [RestartReason; 7] = [
+        RestartReason::MaxRequests,
+        RestartReason::Memory,
+        RestartReason::Reload,
+        RestartReason::Timeout,
+        RestartReason::BootFailure,
+        RestartReason::Crash,
+        RestartReason::ScaleDown,
+    ];
+
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartReason::MaxRequests => "max_requests",
+            RestartReason::Memory => "memory",
+            RestartReason::Reload => "reload",
+            RestartReason::Timeout => "timeout",
+            RestartReason::BootFailure => "boot_failure",
+            RestartReason::Crash => "crash",
+            RestartReason::ScaleDown => "scale_down",
+        }
+    }
+}
+
 /// One worker's row of the scoreboard. `repr(C)` and made only of atomics, so that two processes
 /// mapping the same page agree on the layout and can read and write it without locks. Aligned to
 /// a cache line so that two workers' heartbeats never share one.
@@ -58,25 +97,27 @@ impl WorkerState {
 #[derive(Default)]
 pub struct WorkerSlot {
     /// Pid of the process owning the slot; 0 when free.
-    pub pid: AtomicI32,
+    pid: AtomicI32,
     /// A `WorkerState` as `u32`.
-    pub state: AtomicU32,
+    state: AtomicU32,
     /// Last sign of life from the worker's I/O loop, in `monotonic_ms()`.
-    pub heartbeat_ms: AtomicU64,
-    /// When the computation in progress last made progress (started, or finished a batch), in
+    heartbeat_ms: AtomicU64,
+    /// When the computation in progress last made progress (started, or finished a pass), in
     /// `monotonic_ms()`; 0 when idle. Lets the master kill a worker stuck inside one computation
     /// even though its I/O loop still ticks.
-    pub busy_since_ms: AtomicU64,
+    busy_since_ms: AtomicU64,
     /// Requests answered by this worker so far.
-    pub requests: AtomicU64,
+    requests: AtomicU64,
     /// Requests being handled right now.
-    pub in_flight: AtomicU32,
+    in_flight: AtomicU32,
     /// Open client connections right now.
-    pub connections: AtomicU32,
+    connections: AtomicU32,
     /// Private memory (USS) as last sampled by the master, in bytes.
-    pub private_bytes: AtomicU64,
+    private_bytes: AtomicU64,
 }
 
+// State changes publish (Release) and are read with Acquire, so whoever sees a state also sees
+// what the writer did before it. The counters are statistics: Relaxed.
 impl WorkerSlot {
     pub fn state(&self) -> WorkerState {
         WorkerState::from_u32(self.state.load(Ordering::Acquire))
@@ -94,8 +135,79 @@ impl WorkerSlot {
             .is_ok()
     }
 
+    pub fn pid(&self) -> i32 {
+        self.pid.load(Ordering::Acquire)
+    }
+
+    pub fn set_pid(&self, pid: i32) {
+        self.pid.store(pid, Ordering::Release);
+    }
+
+    /// The worker's I/O loop is alive.
     pub fn beat(&self) {
         self.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
+    }
+
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat_ms.load(Ordering::Acquire)
+    }
+
+    /// A computation starts (or makes progress): `Some(now)`; it ended: `None`.
+    pub fn set_busy_since(&self, since_ms: Option<u64>) {
+        self.busy_since_ms
+            .store(since_ms.unwrap_or(0), Ordering::Release);
+    }
+
+    pub fn busy_since_ms(&self) -> Option<u64> {
+        match self.busy_since_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(ms),
+        }
+    }
+
+    /// Count one answered request; returns the count so far.
+    pub fn count_request(&self) -> u64 {
+        self.requests.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// A request starts (+1) or ends (-1).
+    pub fn add_in_flight(&self, delta: i32) {
+        match delta >= 0 {
+            true => self.in_flight.fetch_add(delta as u32, Ordering::Relaxed),
+            false => self
+                .in_flight
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed),
+        };
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// A connection opens (+1) or closes (-1).
+    pub fn add_connections(&self, delta: i32) {
+        match delta >= 0 {
+            true => self.connections.fetch_add(delta as u32, Ordering::AcqRel),
+            false => self
+                .connections
+                .fetch_sub(delta.unsigned_abs(), Ordering::AcqRel),
+        };
+    }
+
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    pub fn set_private_bytes(&self, bytes: u64) {
+        self.private_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn private_bytes(&self) -> u64 {
+        self.private_bytes.load(Ordering::Relaxed)
     }
 
     /// Clear everything for a new owner. Called by the master before it forks.
@@ -106,159 +218,16 @@ impl WorkerSlot {
         self.requests.store(0, Ordering::Relaxed);
         self.in_flight.store(0, Ordering::Relaxed);
         self.connections.store(0, Ordering::Relaxed);
+        self.private_bytes.store(0, Ordering::Relaxed);
         self.state
             .store(WorkerState::Booting as u32, Ordering::Release);
     }
-}
 
-/// Status codes counted one by one; anything else is counted as "other".
-pub const STATUSES: [u16; 15] = [
-    200, 400, 401, 404, 405, 408, 413, 415, 417, 422, 431, 500, 501, 503, 0,
-];
-/// Upper bounds (seconds) of the request-latency histogram; the last is +Inf.
-pub const LATENCY_BUCKETS: [f64; 13] = [
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    f64::INFINITY,
-];
-/// Upper bounds of the inference batch-size histogram (sentences per forward pass).
-pub const BATCH_BUCKETS: [f64; 11] = [
-    1.0,
-    2.0,
-    4.0,
-    8.0,
-    16.0,
-    32.0,
-    64.0,
-    128.0,
-    256.0,
-    512.0,
-    f64::INFINITY,
-];
-/// Why workers were replaced, as counted by the master.
-pub const RESTART_REASONS: [&str; 7] = [
-    "max_requests",
-    "memory",
-    "reload",
-    "timeout",
-    "boot_failure",
-    "crash",
-    "scale_down",
-];
-
-/// A histogram of atomics: per-bucket counts (not cumulative), the sum in micro-units and the
-/// count.
-#[repr(C)]
-pub struct Histogram<const N: usize> {
-    pub buckets: [AtomicU64; N],
-    pub sum_micros: AtomicU64,
-    pub count: AtomicU64,
-}
-
-impl<const N: usize> Histogram<N> {
-    pub fn observe(&self, bounds: &[f64; N], value: f64) {
-        let i = bounds.iter().position(|&b| value <= b).unwrap_or(N - 1);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+    /// Give the slot back (the master, after reaping its worker).
+    pub fn free(&self) {
+        self.pid.store(0, Ordering::Relaxed);
+        self.set_state(WorkerState::Free);
     }
-}
-
-impl<const N: usize> Default for Histogram<N> {
-    fn default() -> Self {
-        Histogram {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-}
-
-/// Counters for the whole server, in the scoreboard's shared mapping: every worker adds to
-/// them, any worker reports them, and they outlive the workers that counted them. All zeroes
-/// is the valid initial state.
-#[repr(C)]
-pub struct SharedMetrics {
-    /// Requests by route and status.
-    pub requests: [[AtomicU64; STATUSES.len()]; Route::COUNT],
-    /// Request latency by route.
-    pub latency: [Histogram<{ LATENCY_BUCKETS.len() }>; Route::COUNT],
-    /// Sentences per forward pass.
-    pub batch_size: Histogram<{ BATCH_BUCKETS.len() }>,
-    /// Requests sharing a forward pass.
-    pub batch_requests: Histogram<{ BATCH_BUCKETS.len() }>,
-    /// Real tokens run through the model.
-    pub tokens: AtomicU64,
-    /// Tokens including padding (the compute actually spent).
-    pub padded_tokens: AtomicU64,
-    /// Worker replacements by reason (`RESTART_REASONS`).
-    pub restarts: [AtomicU64; RESTART_REASONS.len()],
-}
-
-impl Default for SharedMetrics {
-    fn default() -> Self {
-        SharedMetrics {
-            requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
-            latency: std::array::from_fn(|_| Histogram::default()),
-            batch_size: Histogram::default(),
-            batch_requests: Histogram::default(),
-            tokens: AtomicU64::new(0),
-            padded_tokens: AtomicU64::new(0),
-            restarts: std::array::from_fn(|_| AtomicU64::new(0)),
-        }
-    }
-}
-
-impl SharedMetrics {
-    pub fn count_request(&self, route: usize, status: u16, seconds: f64) {
-        let s = STATUSES
-            .iter()
-            .position(|&c| c == status)
-            .unwrap_or(STATUSES.len() - 1);
-        self.requests[route][s].fetch_add(1, Ordering::Relaxed);
-        self.latency[route].observe(&LATENCY_BUCKETS, seconds);
-    }
-
-    /// Requests answered since the server started, every route and status.
-    pub fn total_requests(&self) -> u64 {
-        self.requests
-            .iter()
-            .flatten()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum()
-    }
-
-    pub fn count_batch(&self, sentences: usize, requests: usize, tokens: usize, padded: usize) {
-        self.batch_size.observe(&BATCH_BUCKETS, sentences as f64);
-        self.batch_requests.observe(&BATCH_BUCKETS, requests as f64);
-        self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
-        self.padded_tokens
-            .fetch_add(padded as u64, Ordering::Relaxed);
-    }
-
-    /// Count one restart; returns the total for that reason (None for a reason not counted).
-    pub fn count_restart(&self, reason: &str) -> Option<u64> {
-        let i = RESTART_REASONS.iter().position(|&r| r == reason)?;
-        Some(self.restarts[i].fetch_add(1, Ordering::Relaxed) + 1)
-    }
-}
-
-/// The shared scoreboard as every process sees it: all slots, and the server-wide counters.
-#[derive(Clone, Copy)]
-pub struct Board {
-    pub slots: &'static [WorkerSlot],
-    pub metrics: &'static SharedMetrics,
 }
 
 /// Milliseconds on `CLOCK_MONOTONIC`. The same clock in every process of the machine, which is
@@ -282,30 +251,6 @@ mod tests {
     }
 
     #[test]
-    fn histogram_counts_into_the_first_bucket_that_fits() {
-        let h: Histogram<3> = Histogram::default();
-        let bounds = [0.1, 1.0, f64::INFINITY];
-        for v in [0.05, 0.1, 0.5, 7.0] {
-            h.observe(&bounds, v);
-        }
-        let counts: Vec<u64> = h
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(counts, vec![2, 1, 1]);
-        assert_eq!(h.count.load(Ordering::Relaxed), 4);
-        assert_eq!(h.sum_micros.load(Ordering::Relaxed), 7_650_000);
-    }
-
-    #[test]
-    fn unknown_status_is_other() {
-        let m = SharedMetrics::default();
-        m.count_request(0, 418, 0.01);
-        assert_eq!(m.requests[0][STATUSES.len() - 1].load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
     fn states_round_trip() {
         for s in [
             WorkerState::Free,
@@ -316,6 +261,23 @@ mod tests {
         ] {
             assert_eq!(WorkerState::from_u32(s as u32), s);
         }
+    }
+
+    #[test]
+    fn restart_reasons_are_listed_once() {
+        let names: std::collections::BTreeSet<_> =
+            RestartReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), RestartReason::ALL.len());
+    }
+
+    #[test]
+    fn busy_since_zero_means_idle() {
+        let slot = WorkerSlot::default();
+        assert_eq!(slot.busy_since_ms(), None);
+        slot.set_busy_since(Some(7));
+        assert_eq!(slot.busy_since_ms(), Some(7));
+        slot.set_busy_since(None);
+        assert_eq!(slot.busy_since_ms(), None);
     }
 
     #[test]

@@ -2,13 +2,19 @@
 
 use std::time::Duration;
 
-/// Defaults for `POST /cluster` when the request does not say.
+/// `POST /cluster`'s defaults (when the request does not say) and limits, apart from the
+/// embedding routes': the sets people cluster are thousands of lines, and cannot be split
+/// across requests.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterDefaults {
     /// Cosine similarity at or above which two sentences are neighbours. 0.5 sits in the middle
     /// of the range (0.241–0.755) where the seed example's 5/4 split holds.
     pub threshold: f32,
     pub min_cluster_size: usize,
+    pub max_sentences: usize,
+    pub max_body_bytes: usize,
+    /// Agglomerative clustering holds every pair's similarity: its own, lower limit.
+    pub max_agglomerative_sentences: usize,
 }
 
 impl Default for ClusterDefaults {
@@ -16,6 +22,9 @@ impl Default for ClusterDefaults {
         ClusterDefaults {
             threshold: 0.5,
             min_cluster_size: 1,
+            max_sentences: 20_000,
+            max_body_bytes: 16 << 20,
+            max_agglomerative_sentences: 5_000,
         }
     }
 }

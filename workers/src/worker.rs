@@ -13,16 +13,17 @@ use crate::embedder::Embedder;
 use crate::http::app::App;
 use crate::http::server::{accept_loop, ConnectionSettings, Connections};
 use crate::lifecycle::Lifecycle;
-use crate::listener::BoundSocket;
-use crate::protocol::{Board, WorkerSlot, APP_LOAD_ERROR, WORKER_BOOT_ERROR};
+use crate::listener::ListenSocket;
+use crate::protocol::{WorkerSlot, APP_LOAD_ERROR, WORKER_BOOT_ERROR};
 use crate::settings::WorkerSettings;
+use crate::shared_metrics::SharedBoard;
 
 /// Everything the master hands a freshly forked worker.
 pub struct WorkerContext {
-    pub listeners: Vec<BoundSocket>,
+    pub listeners: Vec<ListenSocket>,
     pub slot: &'static WorkerSlot,
     /// The whole scoreboard: every slot and the server-wide counters (for /metrics).
-    pub board: Board,
+    pub board: SharedBoard,
     pub embedder: Arc<dyn Embedder>,
     pub settings: WorkerSettings,
     /// The master's pid: when our parent is no longer it, the master died.
@@ -106,7 +107,7 @@ fn prepare_process(ctx: &WorkerContext) -> nix::Result<()> {
 /// (USS) take a 0.5-1.4 MiB step at a random point in its first ~5,000 requests, then stay
 /// flat. Breaking the sharing at boot makes a worker's USS what it will be, from its first
 /// request, so `max_worker_memory` and dashboards see no drift. The weights are not in the
-/// heap (they are their own mappings) and stay shared.
+/// heap and stay shared (see `model::weights` for where they live).
 fn own_inherited_heap() {
     let Some((start, end)) = heap_range() else {
         return;
@@ -260,7 +261,7 @@ async fn serve(ctx: WorkerContext, pool: rayon::ThreadPool) -> i32 {
 async fn boot(
     embedder: Arc<dyn Embedder>,
     pool: rayon::ThreadPool,
-    board: Board,
+    board: SharedBoard,
     slot: &'static WorkerSlot,
     settings: &WorkerSettings,
 ) -> Result<Compute, i32> {

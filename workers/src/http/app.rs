@@ -1,12 +1,15 @@
 //! Routing and handlers. Handlers see an `Embedder` (through the compute thread) and wire types,
 //! never candle or hyper internals beyond the request and response.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Body, Incoming};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{
     HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, REFERER, USER_AGENT,
 };
@@ -17,21 +20,52 @@ use serde_json::Value;
 use super::auth::ApiKey;
 use super::errors::ApiError;
 use super::routes::{Handler, Route};
-use super::types::{HealthResponse, InfoResponse, RequestLimits, ALGORITHMS};
+use super::types::{
+    parse_cluster_request, HealthResponse, InfoResponse, RequestLimits, ALGORITHMS,
+};
 use super::{metrics, openapi, pages};
 use crate::compute::Compute;
 use crate::embedder::ModelInfo;
 use crate::lifecycle::Lifecycle;
-use crate::protocol::Board;
 use crate::settings::WorkerSettings;
+use crate::shared_metrics::SharedBoard;
 
 pub static X_WORKER_PID: HeaderName = HeaderName::from_static("x-worker-pid");
+
+/// A response body: whole, or lines streamed as they are produced (`/cluster` with
+/// `Accept: application/x-ndjson`).
+pub type ResponseBody = Either<Full<Bytes>, LineStream>;
+
+/// A body fed by a channel, one frame per line. When the client goes, hyper drops it, and the
+/// producer sees its channel closed.
+pub struct LineStream(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+impl LineStream {
+    pub fn channel() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, LineStream) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (tx, LineStream(rx))
+    }
+}
+
+impl Body for LineStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|line| line.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
 
 pub struct App {
     pub(super) compute: Compute,
     pub(super) settings: Arc<WorkerSettings>,
     lifecycle: Arc<Lifecycle>,
-    board: Board,
+    board: SharedBoard,
     pub(super) model: ModelInfo,
     /// `/openapi.json`, rendered once with this server's limits.
     openapi: Bytes,
@@ -53,7 +87,7 @@ impl App {
         compute: Compute,
         settings: Arc<WorkerSettings>,
         lifecycle: Arc<Lifecycle>,
-        board: Board,
+        board: SharedBoard,
         model: ModelInfo,
     ) -> App {
         let openapi = openapi::document(&openapi::SpecLimits {
@@ -82,12 +116,13 @@ impl App {
     /// Answer one request. `head_defect` is what the connection's `HeadGuard` found wrong in
     /// this request's raw head, if anything.
     pub async fn handle(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         remote: &str,
         head_defect: Option<&'static str>,
-    ) -> Response<Full<Bytes>> {
+    ) -> Response<ResponseBody> {
         let started = Instant::now();
+        let _in_flight = self.lifecycle.request_started();
         let line = RequestLine {
             method: req.method().clone(),
             target: req.uri().to_string(),
@@ -115,9 +150,12 @@ impl App {
             Ok(h) => self.dispatch(h, req).await,
             Err(e) => Err(e),
         };
-        let mut response = result.unwrap_or_else(|e| match route.is_openai() {
-            true => e.into_openai_response(),
-            false => e.into_response(),
+        let mut response = result.unwrap_or_else(|e| {
+            match route.is_openai() {
+                true => e.into_openai_response(),
+                false => e.into_response(),
+            }
+            .map(Either::Left)
         });
         let headers = response.headers_mut();
         headers.insert(X_WORKER_PID.clone(), self.pid.clone());
@@ -140,13 +178,36 @@ impl App {
     }
 
     async fn dispatch(
+        self: &Arc<Self>,
+        handler: Handler,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, ApiError> {
+        if handler == Handler::Cluster {
+            let stream = accepts_ndjson(req.headers());
+            let body = read_json(req, self.settings.cluster.max_body_bytes).await?;
+            let request = parse_cluster_request(body, &self.settings.cluster)?;
+            return match stream {
+                true => Ok(self.cluster_stream(request)),
+                false => {
+                    let response = self.cluster(request, None).await?;
+                    Ok(json_response(StatusCode::OK, &response).map(Either::Left))
+                }
+            };
+        }
+        self.dispatch_whole(handler, req)
+            .await
+            .map(|r| r.map(Either::Left))
+    }
+
+    /// The routes whose answer is one JSON (or text) body.
+    async fn dispatch_whole(
         &self,
         handler: Handler,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let max_body = self.settings.max_body_bytes;
         match handler {
-            Handler::Cluster => self.cluster(read_json(req, max_body).await?).await,
+            Handler::Cluster => Err(ApiError::Internal("/cluster is dispatched apart".into())),
             Handler::Embed => self.embed(read_json(req, max_body).await?).await,
             Handler::EmbedAll => self.embed_all(read_json(req, max_body).await?).await,
             Handler::Similarity => self.similarity(read_json(req, max_body).await?).await,
@@ -301,6 +362,9 @@ impl App {
             cluster_algorithms: ALGORITHMS,
             default_threshold: self.settings.cluster.threshold,
             default_min_cluster_size: self.settings.cluster.min_cluster_size,
+            cluster_max_sentences: self.settings.cluster.max_sentences,
+            cluster_max_body_bytes: self.settings.cluster.max_body_bytes,
+            cluster_max_agglomerative_sentences: self.settings.cluster.max_agglomerative_sentences,
             version: env!("CARGO_PKG_VERSION"),
             worker_pid: std::process::id(),
         }
@@ -335,7 +399,7 @@ impl App {
         &self,
         remote: &str,
         line: &RequestLine,
-        response: &Response<Full<Bytes>>,
+        response: &Response<ResponseBody>,
         elapsed: std::time::Duration,
     ) {
         let length = response.body().size_hint().exact();
@@ -385,6 +449,26 @@ impl App {
 
 /// Read a JSON body: the media type, the size (before buffering when the client announces
 /// it, and while buffering otherwise), UTF-8, then the JSON syntax, each with its own error.
+/// Whether the client asked for newline-delimited JSON (`Accept: application/x-ndjson`, as
+/// one of its media ranges, not refused with q=0).
+fn accepts_ndjson(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            media.eq_ignore_ascii_case("application/x-ndjson") && !refused
+        })
+}
+
 async fn read_json(req: Request<Incoming>, max_bytes: usize) -> Result<Value, ApiError> {
     require_json_content_type(&req)?;
     let announced = req

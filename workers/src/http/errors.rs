@@ -137,6 +137,16 @@ impl ApiError {
         }
     }
 
+    /// The error as the last line of a streamed answer, whose status (200) was sent before
+    /// the error happened: `{"error", "error_type", "status"}`.
+    pub fn as_json_line(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": self.message(),
+            "error_type": self.error_type(),
+            "status": self.status().as_u16(),
+        })
+    }
+
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let message = self.message();
         let body = serde_json::to_vec(&ErrorBody {

@@ -9,16 +9,18 @@ use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use serde_json::Value;
 
-use super::app::{json_response, App};
+use std::sync::Arc;
+
+use super::app::{json_response, App, LineStream, ResponseBody};
 use super::errors::ApiError;
 use super::types::{
-    parse_cluster_request, parse_decode_request, parse_embed_all_request, parse_embed_request,
-    parse_openai_request, parse_similarity_request, parse_tokenize_request, ClusterRequest,
-    ClusterResponse, EmbeddingValue, OpenAiEmbedding, OpenAiModel, OpenAiModels, OpenAiResponse,
-    OpenAiUsage, Side, TextInput,
+    parse_decode_request, parse_embed_all_request, parse_embed_request, parse_openai_request,
+    parse_similarity_request, parse_tokenize_request, ClusterRequest, ClusterResponse,
+    EmbeddingValue, OpenAiEmbedding, OpenAiModel, OpenAiModels, OpenAiResponse, OpenAiUsage, Side,
+    TextInput,
 };
-use crate::cluster::{agglomerative, community_detection};
-use crate::compute::{ComputeError, Embedded};
+use crate::cluster::{Clusterer, Clustering, Vectors};
+use crate::compute::{ComputeError, Embedded, Progress, Stepwise};
 use crate::embedder::{unit_length, EmbedError, Embedder, Tokens};
 
 type Reply = Result<Response<Full<Bytes>>, ApiError>;
@@ -69,13 +71,27 @@ impl App {
         field: &'static str,
         options: EncodeOptions,
     ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+        self.encode_reporting(inputs, field, options, None).await
+    }
+
+    /// `encode`, telling `progress` how many sentences are done after each forward pass.
+    async fn encode_reporting(
+        &self,
+        inputs: Vec<TextInput>,
+        field: &'static str,
+        options: EncodeOptions,
+        progress: Option<Progress>,
+    ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
         let tokenizing = options.clone();
         let Embedded {
             mut vectors,
             tokens: seen,
         } = self
             .compute
-            .embed(move |embedder| tokenize_inputs(embedder, &inputs, field, &tokenizing))
+            .embed(
+                move |embedder| tokenize_inputs(embedder, &inputs, field, &tokenizing),
+                progress,
+            )
             .await
             .map_err(compute_error)??;
         for v in &mut vectors {
@@ -89,22 +105,88 @@ impl App {
         Ok((vectors, seen))
     }
 
-    pub(super) async fn cluster(&self, body: Value) -> Reply {
-        let request = parse_cluster_request(body, self.limits(), &self.settings.cluster)?;
+    /// `POST /cluster`: embed the sentences (in passes shared with other requests), then
+    /// cluster them in steps on the compute thread. `progress`, if any, gets one JSON line
+    /// after each pass (`{"embedded": k, "total": n}`) and each clustering step
+    /// (`{"clustering": {"algorithm", "compared", "total"}}`).
+    pub(super) async fn cluster(
+        &self,
+        request: ClusterRequest,
+        progress: Option<Lines>,
+    ) -> Result<ClusterResponse, ApiError> {
         // Cosine similarity, as community_detection computes it: unit vectors.
         let options = self.options(request.prompt_name.as_deref(), true, None, true)?;
+        let total = request.sentences.len();
         let inputs = request
             .sentences
             .iter()
             .map(|s| TextInput::Text(s.clone()))
             .collect();
-        let (vectors, _) = self.encode(inputs, "sentences", options).await?;
-        let response = self
+        let embedded: Option<Progress> = progress.clone().map(|lines| {
+            Box::new(move |done: usize| {
+                let _ = lines.send(json_line(
+                    &serde_json::json!({"embedded": done, "total": total}),
+                ));
+            }) as Progress
+        });
+        let (vectors, _) = self
+            .encode_reporting(inputs, "sentences", options, embedded)
+            .await?;
+        let algorithm = request.algorithm.name();
+        let clustering_line = move |compared: usize| {
+            json_line(&serde_json::json!({
+                "clustering": {"algorithm": algorithm, "compared": compared, "total": total}
+            }))
+        };
+        if let Some(lines) = &progress {
+            let _ = lines.send(clustering_line(0));
+        }
+        let report = move |clusterer: &Clusterer| {
+            if let Some(lines) = &progress {
+                let _ = lines.send(clustering_line(clusterer.progress().0));
+            }
+        };
+        let clusterer = Clusterer::new(
+            request.algorithm,
+            Vectors::from_rows(vectors),
+            request.threshold,
+            request.min_cluster_size,
+        );
+        let clustering = self
             .compute
-            .run(move |_| cluster_sentences(&vectors, request))
+            .run_stepwise(clusterer, report)
             .await
             .map_err(compute_error)?;
-        Ok(json_response(StatusCode::OK, &response))
+        Ok(cluster_response(clustering, request))
+    }
+
+    /// `POST /cluster` with `Accept: application/x-ndjson`: a 200 at once, then progress
+    /// lines, then the result (or `{"error", "error_type", "status"}`) as the last line. A
+    /// client that disconnects cancels the work: no further pass or step runs for it.
+    pub(super) fn cluster_stream(
+        self: &Arc<Self>,
+        request: ClusterRequest,
+    ) -> Response<ResponseBody> {
+        let (lines, body) = LineStream::channel();
+        let app = self.clone();
+        tokio::spawn(async move {
+            let work = app.cluster(request, Some(lines.clone()));
+            let last = tokio::select! {
+                result = work => match result {
+                    Ok(response) => json_line(&response),
+                    Err(e) => json_line(&e.as_json_line()),
+                },
+                // Dropping `work` drops its place in the compute queue: cancelled.
+                () = lines.closed() => return,
+            };
+            let _ = lines.send(last);
+        });
+        let mut response = Response::new(http_body_util::Either::Right(body));
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/x-ndjson"),
+        );
+        response
     }
 
     /// TEI's `POST /embed` (and `/`, `/invocations`): a list of vectors. `normalize` keeps
@@ -355,11 +437,28 @@ fn tokenize_inputs(
 }
 
 /// Cluster unit vectors; runs on the compute thread.
-fn cluster_sentences(vectors: &[Vec<f32>], request: ClusterRequest) -> ClusterResponse {
-    let clustering = match request.algorithm {
-        "agglomerative" => agglomerative(vectors, request.threshold, request.min_cluster_size),
-        _ => community_detection(vectors, request.threshold, request.min_cluster_size),
-    };
+/// Where `/cluster` sends its progress lines.
+pub(super) type Lines = tokio::sync::mpsc::UnboundedSender<Bytes>;
+
+fn json_line<T: serde::Serialize>(value: &T) -> Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    line.into()
+}
+
+impl Stepwise for Clusterer {
+    type Output = Clustering;
+
+    fn step(&mut self) -> bool {
+        Clusterer::step(self)
+    }
+
+    fn finish(self) -> Clustering {
+        Clusterer::finish(self)
+    }
+}
+
+fn cluster_response(clustering: Clustering, request: ClusterRequest) -> ClusterResponse {
     let texts = |idx: &[usize]| -> Vec<String> {
         idx.iter().map(|&i| request.sentences[i].clone()).collect()
     };
@@ -368,7 +467,7 @@ fn cluster_sentences(vectors: &[Vec<f32>], request: ClusterRequest) -> ClusterRe
         unclustered: texts(&clustering.unclustered),
         indices: clustering.clusters,
         unclustered_indices: clustering.unclustered,
-        algorithm: request.algorithm,
+        algorithm: request.algorithm.name(),
         threshold: request.threshold,
         min_cluster_size: request.min_cluster_size,
     }

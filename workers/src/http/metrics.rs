@@ -6,14 +6,12 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use super::routes::Route;
-use crate::protocol::{
-    Board, Histogram, WorkerSlot, WorkerState, BATCH_BUCKETS, LATENCY_BUCKETS, RESTART_REASONS,
-    STATUSES,
-};
+use crate::protocol::{RestartReason, WorkerSlot, WorkerState};
+use crate::shared_metrics::{Histogram, SharedBoard, BATCH_BUCKETS, LATENCY_BUCKETS, STATUSES};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-pub fn render(board: &Board) -> String {
+pub fn render(board: &SharedBoard) -> String {
     let m = board.metrics;
     let mut out = String::with_capacity(16 * 1024);
 
@@ -113,11 +111,12 @@ pub fn render(board: &Board) -> String {
         "counter",
         "Workers replaced, by reason.",
     );
-    for (i, reason) in RESTART_REASONS.iter().enumerate() {
+    for reason in RestartReason::ALL {
         let _ = writeln!(
             out,
-            "forkserve_worker_restarts_total{{reason=\"{reason}\"}} {}",
-            m.restarts[i].load(Ordering::Relaxed)
+            "forkserve_worker_restarts_total{{reason=\"{}\"}} {}",
+            reason.name(),
+            m.restarts(reason)
         );
     }
 
@@ -142,21 +141,28 @@ pub fn render(board: &Board) -> String {
         board,
         "forkserve_worker_pid",
         "Process id of the worker in each scoreboard slot.",
-        |slot| slot.pid.load(Ordering::Relaxed).max(0) as u64,
+        |slot| slot.pid().max(0) as u64,
     );
     per_worker(
         &mut out,
         board,
         "forkserve_worker_private_memory_bytes",
         "Private memory (USS) of each worker, sampled by the master every second.",
-        |slot| slot.private_bytes.load(Ordering::Relaxed),
+        |slot| slot.private_bytes(),
     );
     per_worker(
         &mut out,
         board,
         "forkserve_worker_requests",
         "Requests answered by each live worker.",
-        |slot| slot.requests.load(Ordering::Relaxed),
+        |slot| slot.requests(),
+    );
+    per_worker(
+        &mut out,
+        board,
+        "forkserve_worker_in_flight",
+        "Requests each live worker is handling now (queued for a forward pass included).",
+        |slot| slot.in_flight() as u64,
     );
     out
 }
@@ -166,7 +172,7 @@ pub fn render(board: &Board) -> String {
 /// many workers are recycled (`forkserve_worker_pid` says which process a slot holds).
 fn per_worker(
     out: &mut String,
-    board: &Board,
+    board: &SharedBoard,
     name: &str,
     help: &str,
     value: impl Fn(&WorkerSlot) -> u64,
@@ -221,7 +227,7 @@ fn histogram<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{SharedMetrics, WorkerSlot};
+    use crate::shared_metrics::SharedMetrics;
 
     #[test]
     fn renders_counters_histograms_and_workers() {
@@ -230,14 +236,15 @@ mod tests {
             Box::leak(vec![WorkerSlot::default(), WorkerSlot::default()].into_boxed_slice());
         slots[0].reset(1);
         slots[0].set_state(WorkerState::Ready);
-        slots[0].pid.store(42, Ordering::Relaxed);
-        slots[0].private_bytes.store(4096, Ordering::Relaxed);
+        slots[0].set_pid(42);
+        slots[0].set_private_bytes(4096);
+        slots[0].add_in_flight(1);
         metrics.count_request(Route::Cluster.index(), 200, 0.02);
         metrics.count_request(Route::Cluster.index(), 200, 0.2);
         metrics.count_request(Route::Embed.index(), 422, 0.001);
         metrics.count_batch(9, 2, 69, 81);
-        metrics.count_restart("max_requests");
-        let text = render(&Board { slots, metrics });
+        metrics.count_restart(RestartReason::MaxRequests);
+        let text = render(&SharedBoard { slots, metrics });
         for line in [
             "forkserve_requests_total{route=\"/cluster\",status=\"200\"} 2",
             "forkserve_requests_total{route=\"/embed\",status=\"422\"} 1",
@@ -250,6 +257,7 @@ mod tests {
             "forkserve_workers{state=\"ready\"} 1",
             "forkserve_worker_private_memory_bytes{worker=\"0\"} 4096",
             "forkserve_worker_pid{worker=\"0\"} 42",
+            "forkserve_worker_in_flight{worker=\"0\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -12,10 +12,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use super::app::App;
+use super::app::{App, ResponseBody};
 use super::head_guard::HeadGuard;
 use crate::listener::Listener;
-use crate::protocol::{monotonic_ms, Board, WorkerSlot, WorkerState};
+use crate::protocol::{monotonic_ms, WorkerSlot, WorkerState};
+use crate::shared_metrics::SharedBoard;
 
 /// While draining, an idle keep-alive connection is closed once it has been idle this long. A
 /// client under load sends its next request well within it and gets `Connection: close` on the
@@ -35,12 +36,12 @@ pub struct ConnectionSettings {
 #[derive(Clone)]
 pub struct Connections {
     slot: &'static WorkerSlot,
-    board: Board,
+    board: SharedBoard,
     closed: Arc<tokio::sync::Notify>,
 }
 
 impl Connections {
-    pub fn new(slot: &'static WorkerSlot, board: Board) -> Connections {
+    pub fn new(slot: &'static WorkerSlot, board: SharedBoard) -> Connections {
         Connections {
             slot,
             board,
@@ -50,16 +51,16 @@ impl Connections {
 
     /// Whether another serving worker has fewer open connections than this one.
     pub fn busier_than_another_worker(&self) -> bool {
-        let mine = self.slot.connections.load(Ordering::Relaxed);
+        let mine = self.slot.connections();
         self.board.slots.iter().any(|s| {
             !std::ptr::eq(s, self.slot)
                 && matches!(s.state(), WorkerState::Ready | WorkerState::Retiring)
-                && s.connections.load(Ordering::Relaxed) < mine
+                && s.connections() < mine
         })
     }
 
     pub fn open(&self) -> usize {
-        self.slot.connections.load(Ordering::Acquire) as usize
+        self.slot.connections() as usize
     }
 
     /// Wait until every connection is closed.
@@ -74,7 +75,7 @@ impl Connections {
     }
 
     fn track(&self) -> ConnectionGuard {
-        self.slot.connections.fetch_add(1, Ordering::AcqRel);
+        self.slot.add_connections(1);
         ConnectionGuard(self.clone())
     }
 }
@@ -83,7 +84,7 @@ struct ConnectionGuard(Connections);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.slot.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.slot.add_connections(-1);
         self.0.closed.notify_waiters();
     }
 }
@@ -152,6 +153,51 @@ impl Activity {
     }
 }
 
+/// One request of a connection, from its head until its response body is done (or dropped).
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(activity: Arc<Activity>) -> Busy {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request `Busy` until hyper has sent it or dropped it.
+struct TrackedBody {
+    body: ResponseBody,
+    _busy: Busy,
+}
+
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+impl hyper::body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, BodyError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 async fn serve_connection<S>(
     stream: S,
     remote: String,
@@ -177,11 +223,11 @@ async fn serve_connection<S>(
             let remote = remote.clone();
             let defect = defects.of_request(requests.fetch_add(1, Ordering::Relaxed));
             async move {
-                activity.in_flight.fetch_add(1, Ordering::AcqRel);
+                // In flight until its body is sent (a streamed one may take minutes): the
+                // keep-alive and drain timers must not take the connection for idle meanwhile.
+                let busy = Busy::start(activity);
                 let response = app.handle(req, &remote, defect).await;
-                activity.touch();
-                activity.in_flight.fetch_sub(1, Ordering::AcqRel);
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(response.map(|body| TrackedBody { body, _busy: busy }))
             }
         })
     };

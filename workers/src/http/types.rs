@@ -6,17 +6,18 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::errors::ApiError;
+use crate::cluster::Algorithm;
 use crate::settings::ClusterDefaults;
 
 /// Algorithms `POST /cluster` knows; the first is the default.
-pub const ALGORITHMS: &[&str] = &["community", "agglomerative"];
+pub const ALGORITHMS: &[&str] = Algorithm::NAMES;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterRequest {
     pub sentences: Vec<String>,
     pub threshold: f32,
     pub min_cluster_size: usize,
-    pub algorithm: &'static str,
+    pub algorithm: Algorithm,
     /// One of the model's prompts; None applies its default prompt, as `encode` does.
     pub prompt_name: Option<String>,
 }
@@ -180,6 +181,9 @@ pub struct InfoResponse {
     pub cluster_algorithms: &'static [&'static str],
     pub default_threshold: f32,
     pub default_min_cluster_size: usize,
+    pub cluster_max_sentences: usize,
+    pub cluster_max_body_bytes: usize,
+    pub cluster_max_agglomerative_sentences: usize,
     pub version: &'static str,
     pub worker_pid: u32,
 }
@@ -193,9 +197,9 @@ pub struct RequestLimits {
     pub vocab_size: usize,
 }
 
+/// `/cluster` has its own limits (`defaults.max_sentences`): the embedding routes' do not apply.
 pub fn parse_cluster_request(
     body: Value,
-    limits: RequestLimits,
     defaults: &ClusterDefaults,
 ) -> Result<ClusterRequest, ApiError> {
     let obj = as_object(body)?;
@@ -210,7 +214,7 @@ pub fn parse_cluster_request(
         ],
     )?;
 
-    let sentences = string_list(&obj, "sentences", limits.max_sentences)?;
+    let sentences = string_list(&obj, "sentences", defaults.max_sentences)?;
     let threshold = match obj.get("threshold") {
         None | Some(Value::Null) => defaults.threshold,
         Some(v) => {
@@ -245,8 +249,8 @@ pub fn parse_cluster_request(
         },
     };
     let algorithm = match obj.get("algorithm") {
-        None | Some(Value::Null) => ALGORITHMS[0],
-        Some(Value::String(s)) => ALGORITHMS.iter().copied().find(|a| a == s).ok_or_else(|| {
+        None | Some(Value::Null) => Algorithm::Community,
+        Some(Value::String(s)) => Algorithm::parse(s).ok_or_else(|| {
             ApiError::validation(
                 "algorithm",
                 format!("unknown algorithm {s:?}; expected one of {ALGORITHMS:?}"),
@@ -254,6 +258,21 @@ pub fn parse_cluster_request(
         })?,
         Some(v) => return Err(wrong_type("algorithm", "a string", v)),
     };
+    if algorithm == Algorithm::Agglomerative
+        && sentences.len() > defaults.max_agglomerative_sentences
+    {
+        let limit = defaults.max_agglomerative_sentences;
+        return Err(ApiError::validation(
+            "sentences",
+            format!(
+                "{} sentences is more than agglomerative clustering accepts here ({limit}): it \
+                 holds the similarity of every pair, {} MB for this request; use \
+                 \"algorithm\": \"community\", which compares a block of sentences at a time",
+                sentences.len(),
+                crate::cluster::agglomerative_bytes(sentences.len()) / 1_000_000
+            ),
+        ));
+    }
     Ok(ClusterRequest {
         sentences,
         threshold,
@@ -673,7 +692,24 @@ mod tests {
     };
 
     fn parse(v: Value) -> Result<ClusterRequest, ApiError> {
-        parse_cluster_request(v, LIMITS, &ClusterDefaults::default())
+        let defaults = ClusterDefaults {
+            max_sentences: 3,
+            max_agglomerative_sentences: 2,
+            ..ClusterDefaults::default()
+        };
+        parse_cluster_request(v, &defaults)
+    }
+
+    #[test]
+    fn agglomerative_has_its_own_lower_limit() {
+        let three = json!({"sentences": ["a", "b", "c"], "algorithm": "agglomerative"});
+        let ApiError::Validation { field, message } = parse(three).unwrap_err() else {
+            panic!("expected a validation error")
+        };
+        assert_eq!(field, "sentences");
+        assert!(message.contains("community"), "{message}");
+        assert!(parse(json!({"sentences": ["a", "b", "c"]})).is_ok());
+        assert!(parse(json!({"sentences": ["a", "b"], "algorithm": "agglomerative"})).is_ok());
     }
 
     fn field_of(e: ApiError) -> String {
@@ -689,7 +725,7 @@ mod tests {
         assert_eq!(r.sentences, vec!["a", ""]);
         assert_eq!(r.threshold, 0.5);
         assert_eq!(r.min_cluster_size, 1);
-        assert_eq!(r.algorithm, "community");
+        assert_eq!(r.algorithm, Algorithm::Community);
     }
 
     #[test]

@@ -33,7 +33,8 @@ use tokenizer::SentenceTokenizer;
 use crate::embedder::{EmbedError, Embedder, ModelInfo, Side, TokenPiece, Tokens};
 
 /// Which implementation of the transformer's forward pass runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// forkserve's own: packed sentences, no padding, fused QKV (`fast.rs`).
     Fast,
@@ -42,11 +43,10 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn parse(name: &str) -> Option<Backend> {
-        match name {
-            "fast" => Some(Backend::Fast),
-            "candle" => Some(Backend::Candle),
-            _ => None,
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Fast => "fast",
+            Backend::Candle => "candle",
         }
     }
 }

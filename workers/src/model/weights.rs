@@ -1,5 +1,11 @@
 //! Reading safetensors weights through a memory map into plain f32 vectors, which both forward
 //! passes and the Dense modules build on.
+//!
+//! Where the weights live, once and for all: the safetensors file is mapped only while the
+//! master loads; the model keeps its weights in f32 vectors of the master's (packed for the
+//! forward pass, `kernels::Linear`), each of them 128 KiB or more and so, with the malloc
+//! threshold `main.rs` sets before anything else, its own anonymous mapping rather than heap.
+//! Every worker shares those pages copy-on-write and never writes them.
 
 use std::collections::HashMap;
 use std::fs::File;
