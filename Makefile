@@ -10,7 +10,7 @@ CONFIG ?= conf/forkserve.toml
 RUN_MODEL := $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL_DIR))
 
 .DEFAULT_GOAL := help
-.PHONY: help model test-models test-deps test-data build run test lint audit soak fuzz docker release bench bench-quick bench-kernels bench-memory bench-ops clean
+.PHONY: help model test-models test-deps test-data build run test lint audit soak fuzz docker release install bench bench-quick bench-kernels bench-memory bench-ops clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -76,22 +76,27 @@ docker: ## Build the container image forkserve:latest (docker/Dockerfile; needs 
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 DIST := target/dist/forkserve-$(VERSION)-$(shell uname -m)-linux
-release: ## Release tarball: binary, config, systemd units, README (target/dist/)
+install: build model ## Install or upgrade the systemd service (root): scripts/install.sh
+	scripts/install.sh
+
+release: ## Release tarball: binary, config, systemd units, install.sh + fetch-model.sh, README (target/dist/)
 	$(CARGO) build --release --locked --bin forkserve
 	rm -rf $(DIST) && mkdir -p $(DIST)/conf
 	install -m 0755 $(BIN) $(DIST)/forkserve
 	strip --strip-debug $(DIST)/forkserve
-	install -m 0644 conf/forkserve.toml conf/forkserve.service conf/forkserve.socket conf/forkserve.sysusers $(DIST)/conf/
+	install -m 0644 conf/forkserve.toml conf/forkserve.service conf/forkserve.socket conf/forkserve.sysusers conf/forkserve.logrotate $(DIST)/conf/
+	install -m 0755 scripts/install.sh scripts/fetch-model.sh $(DIST)/
 	install -m 0644 README.md $(DIST)/
 	tar -C $(dir $(DIST)) -czf $(DIST).tar.gz $(notdir $(DIST))
 	@echo "$(DIST).tar.gz"
 
-bench: test-models build ## forkserve vs the Python stack and ONNX Runtime, side by side, both bundled models: bench/results/
+bench: test-models build ## forkserve vs the Python stack, ONNX Runtime and sentence-transformers' clustering, side by side: bench/results/
 	@scripts/bench-deps.sh
 	target/bench-venv/bin/python bench/bench.py
 	target/bench-venv/bin/python bench/bench.py --model all-mpnet-base-v2 --sections memory,latency --batches 1,9,32 --out bench-mpnet
 	target/bench-venv/bin/python bench/backends.py
 	target/bench-venv/bin/python bench/ort.py
+	target/bench-venv/bin/python bench/cluster.py
 
 bench-quick: model build ## forkserve alone, one setting per section (< 3 min)
 	@scripts/bench-deps.sh --quick

@@ -254,6 +254,7 @@ impl Arbiter {
             }
             self.reap_workers();
             if let Some(code) = self.shutdown_complete() {
+                self.remove_socket_files();
                 return code;
             }
             self.note_ready_workers();
@@ -264,6 +265,17 @@ impl Arbiter {
             self.sample_memory();
             self.manage_workers();
             self.report_to_systemd();
+        }
+    }
+
+    /// On the way out: our unix sockets' files, unless systemd owns them (socket activation)
+    /// or a new master started by USR2 serves on them now.
+    fn remove_socket_files(&self) {
+        if self.socket_activated || self.upgrade.started().is_some() {
+            return;
+        }
+        for b in &self.bindings {
+            b.remove_socket_file();
         }
     }
 
@@ -321,12 +333,25 @@ impl Arbiter {
             Err(e) => return self.reload_failed(&format!("bind: {e}"), "configuration"),
         };
         let identity = ModelIdentity::of(&new.model.path);
+        let changed = crate::config::changed_keys(&self.config, &new);
+        let mut model_changed = false;
         if new.model.path != self.config.model.path
             || new.model.backend != self.config.model.backend
+            || new.model.sha256 != self.config.model.sha256
             || identity != self.model_identity
         {
             let started = Instant::now();
-            match SentenceEncoder::load_with(&new.model.path, new.model.backend) {
+            if let Err(e) = crate::config::check_model_pin(&new.model) {
+                return self.reload_failed(&e, "model and configuration");
+            }
+            let loaded = SentenceEncoder::load_with(&new.model.path, new.model.backend)
+                .map_err(|e| e.to_string())
+                .and_then(|model| {
+                    crate::model_probe::check(&model, secs(new.boot_timeout))
+                        .map(|()| model)
+                        .map_err(|e| format!("{}: {e}", new.model.path.display()))
+                });
+            match loaded {
                 Ok(model) => {
                     tracing::info!(
                         path = %new.model.path.display(),
@@ -335,6 +360,7 @@ impl Arbiter {
                     );
                     self.embedder = Arc::new(model);
                     self.model_identity = identity;
+                    model_changed = true;
                 }
                 Err(e) => {
                     return self
@@ -350,16 +376,36 @@ impl Arbiter {
         }
         self.bindings = bindings;
         self.config = new;
-        self.generation += 1;
         self.backoff.failures = 0;
         self.backoff.next_spawn_at = Instant::now();
-        // READY=1 again once the new generation is all ready (announce_ready).
+        // READY=1 again once the configured workers are all ready (announce_ready).
         self.systemd.reload_applied();
-        tracing::info!(
-            generation = self.generation,
-            workers = self.config.workers,
-            "configuration reloaded; rolling the workers (new ones first)"
-        );
+        let changed_text = match (changed.is_empty(), model_changed) {
+            (true, false) => "nothing".to_string(),
+            (_, true) => {
+                let mut all = vec!["the model (on disk)".to_string()];
+                all.extend(changed.iter().cloned());
+                all.join(", ")
+            }
+            (false, false) => changed.join(", "),
+        };
+        let workers_use_it = model_changed
+            || changed
+                .iter()
+                .any(|k| !crate::config::MASTER_ONLY.contains(&k.as_str()));
+        if workers_use_it {
+            self.generation += 1;
+            tracing::info!(
+                generation = self.generation,
+                workers = self.config.workers,
+                "configuration reloaded (changed: {changed_text}); rolling the workers (new ones first)"
+            );
+        } else {
+            tracing::info!(
+                workers = self.config.workers,
+                "configuration reloaded (changed: {changed_text}); nothing the workers use changed: they keep running"
+            );
+        }
     }
 
     /// A reload that changed nothing: say why, in the log and in systemd's status. `kept`: what
@@ -569,11 +615,14 @@ impl Arbiter {
                 let count = reason
                     .restart()
                     .map(|r| self.scoreboard.metrics().count_restart(r));
+                // `reason` as /metrics labels it (`scale_down`), so a log search and a
+                // query use the same word.
+                let label = reason.restart().map_or("shutdown", RestartReason::name);
                 if reason == StopReason::Timeout {
-                    tracing::error!(pid, %how, "worker timed out and was killed (WORKER TIMEOUT)");
+                    tracing::error!(pid, %how, reason = label, "worker timed out and was killed (WORKER TIMEOUT)");
                 } else {
                     let lived = worker.spawned_at.elapsed().as_secs_f64();
-                    tracing::info!(pid, %how, lived_s = format!("{lived:.1}"), count, "worker {}", reason.describe());
+                    tracing::info!(pid, %how, reason = label, lived_s = format!("{lived:.1}"), count, "worker {}", reason.describe());
                 }
             }
             (_, true) => tracing::info!(pid, %how, "worker exited during shutdown"),

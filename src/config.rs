@@ -5,6 +5,7 @@
 //! checked against its setting as it is read, so every error names the key (and the file and
 //! line, or the variable, it came from) and the reason.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,6 +76,7 @@ pub struct Config {
 pub struct ModelConfig {
     pub path: PathBuf,
     pub name: Option<String>,
+    pub sha256: Option<String>,
     pub backend: Backend,
 }
 
@@ -104,6 +106,7 @@ pub struct LogConfig {
 #[serde(deny_unknown_fields)]
 pub struct TestingConfig {
     pub boot_delay: f64,
+    pub compute_stall: f64,
 }
 
 impl Default for Config {
@@ -117,6 +120,10 @@ impl Default for Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
 #[serde(into = "u64")]
 pub struct ByteSize(pub u64);
+
+/// The smallest `max_worker_memory` accepted (other than 0): a few times a worker's idle USS
+/// (5-6 MiB for either bundled model, `bench/results/bench*.md`).
+const MIN_WORKER_MEMORY: u64 = 32 << 20;
 
 impl From<ByteSize> for u64 {
     fn from(b: ByteSize) -> u64 {
@@ -704,6 +711,18 @@ impl Config {
             forkserve_worker::access_log::Format::parse(format)
                 .map_err(|reason| ConfigError::new("log.access_log_format", reason))?;
         }
+        let memory = self.max_worker_memory.0;
+        if memory != 0 && memory < MIN_WORKER_MEMORY {
+            return Err(ConfigError::new(
+                "max_worker_memory",
+                format!(
+                    "{memory} bytes is below what a worker holds when idle (5-6 MiB measured, \
+                     more after its first requests): every worker would be replaced every few \
+                     seconds; use 0 (no limit) or at least {} MiB",
+                    MIN_WORKER_MEMORY >> 20
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -743,6 +762,7 @@ impl Config {
                 max_agglomerative_sentences: self.cluster.max_agglomerative_sentences,
             },
             boot_delay: secs(self.testing.boot_delay),
+            compute_stall: secs(self.testing.compute_stall),
             run_as: self.run_as,
             model_name: self.model_name(),
             proc_name: self.proc_name(),
@@ -906,6 +926,72 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
         lines.push(line);
     }
     lines
+}
+
+/// The settings whose values differ between two configurations, as dotted keys
+/// (`model.path`), in key order. Secrets are compared but never shown otherwise.
+pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
+    fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = match prefix {
+                        "" => k.clone(),
+                        p => format!("{p}.{k}"),
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let table = |c: &Config| {
+        let mut out = BTreeMap::new();
+        if let Ok(v) = toml::Value::try_from(c) {
+            flatten("", &v, &mut out);
+        }
+        out
+    };
+    let (a, b) = (table(old), table(new));
+    let mut keys: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Settings only the master uses: a reload that changes nothing else keeps the workers
+/// (`workers` itself adds or stops workers without touching the others).
+pub const MASTER_ONLY: &[&str] = &[
+    "workers",
+    "boot_timeout",
+    "max_boot_failures",
+    "max_worker_memory",
+    "pidfile",
+    "umask",
+];
+
+/// `model.sha256`, if set: the weights file must have that digest.
+pub fn check_model_pin(model: &ModelConfig) -> Result<(), String> {
+    let Some(want) = &model.sha256 else {
+        return Ok(());
+    };
+    let got = forkserve_worker::model::weights_sha256(&model.path)
+        .map_err(|e| format!("model.sha256: {e}"))?;
+    if !got.eq_ignore_ascii_case(want.trim()) {
+        return Err(format!(
+            "model.sha256: the weights of {} have sha256 {got}, not {want}: a different or \
+             damaged file",
+            model.path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Seconds from a validated config value.
@@ -1097,17 +1183,21 @@ mod tests {
         assert!(ByteSize::parse("lots").is_err());
         assert!(ByteSize::parse("3 parsecs").is_err());
         assert_eq!(
-            from_str("max_worker_memory = \"2 MiB\"")
+            from_str("max_worker_memory = \"200 MiB\"")
                 .unwrap()
                 .max_worker_memory,
-            ByteSize(2 << 20)
+            ByteSize(200 << 20)
         );
         assert_eq!(
-            from_str("max_worker_memory = 1000")
+            from_str("max_worker_memory = 100000000")
                 .unwrap()
                 .max_worker_memory,
-            ByteSize(1000)
+            ByteSize(100_000_000)
         );
+        // Below a worker's idle memory: every worker would be recycled for ever.
+        let e = from_str("max_worker_memory = \"1KiB\"").unwrap_err();
+        assert_eq!(e.key, "max_worker_memory");
+        assert!(e.reason.contains("1024 bytes"), "{}", e.reason);
         assert_eq!(
             from_str("max_worker_memory = \"x\"").unwrap_err().key,
             "max_worker_memory"

@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod healthcheck;
 mod memory;
+mod model_probe;
 mod pidfile;
 mod privileges;
 mod reexec;
@@ -187,8 +188,13 @@ fn start(
             sockets::inherit(&list.join(","))
                 .map_err(|e| (EXIT_FAILURE, format!("socket activation: {e}")))?
         }
+        // An address another live process holds is a conflict of configurations (exit 2, as
+        // a bad configuration); other failures (permissions, no such interface) exit 1.
         (None, None) => sockets::bind_all(&config.bind, config.backlog, config.socket_mode)
-            .map_err(|e| (EXIT_FAILURE, format!("bind: {e}")))?,
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AddrInUse => (EXIT_CONFIG, format!("bind: {e}")),
+                _ => (EXIT_FAILURE, format!("bind: {e}")),
+            })?,
     };
     for b in &listeners {
         match upgraded_from {
@@ -207,8 +213,15 @@ fn start(
 
     let loading = Instant::now();
     let model_identity = ModelIdentity::of(&config.model.path);
+    config::check_model_pin(&config.model).map_err(|e| (EXIT_CONFIG, e))?;
     let model = SentenceEncoder::load_with(&config.model.path, config.model.backend)
         .map_err(|e| (EXIT_CONFIG, format!("model.path: {e}")))?;
+    model_probe::check(&model, config::secs(config.boot_timeout)).map_err(|e| {
+        (
+            EXIT_CONFIG,
+            format!("model.path: {}: {e}", config.model.path.display()),
+        )
+    })?;
     let info = model.info();
     tracing::info!(
         path = %config.model.path.display(),
@@ -232,15 +245,18 @@ fn start(
                 Some(_) => Pidfile::upgrade_path(path),
                 None => path.clone(),
             };
-            Some(
-                Pidfile::create(&target)
-                    .map_err(|e| (EXIT_FAILURE, format!("pidfile: {}: {e}", target.display())))?,
-            )
+            Some(Pidfile::create(&target).map_err(|e| {
+                let code = match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => EXIT_CONFIG,
+                    _ => EXIT_FAILURE,
+                };
+                (code, format!("pidfile: {}: {e}", target.display()))
+            })?)
         }
         None => None,
     };
     if let Some((uid, gid)) = config.run_as {
-        tracing::info!(uid, gid, "workers will run as uid {uid}, gid {gid}");
+        tracing::info!(uid, gid, "workers will run as another user");
     }
     tracing::info!(
         workers = config.workers,

@@ -10,8 +10,21 @@ pub struct Pidfile {
 }
 
 impl Pidfile {
+    /// Write our pid to `path`, unless the file names another live forkserve master (then
+    /// `AlreadyExists`, naming it). A file naming a dead process, or a process that is not
+    /// forkserve (its pid reused), is stale and replaced.
     pub fn create(path: &Path) -> io::Result<Pidfile> {
         let pid = std::process::id();
+        if let Some(other) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|&p| p > 0 && p as u32 != pid && is_forkserve(p))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("held by pid {other}, a running forkserve; stop it or use another pidfile"),
+            ));
+        }
         let tmp = path.with_extension(format!("tmp.{pid}"));
         std::fs::write(&tmp, format!("{pid}\n"))?;
         std::fs::rename(&tmp, path)?;
@@ -37,6 +50,12 @@ impl Pidfile {
         self.path = path.to_path_buf();
         Ok(())
     }
+}
+
+/// Whether `pid` is a live process whose command line is forkserve's.
+fn is_forkserve(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("forkserve"))
 }
 
 impl Drop for Pidfile {

@@ -40,6 +40,12 @@ impl Scoreboard {
                 &*(base.add(slots_len) as *const SharedMetrics),
             )
         };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        metrics
+            .started_unix_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
         Ok(Scoreboard { slots, metrics })
     }
 

@@ -85,6 +85,16 @@ pub struct Binding {
     pub socket: ListenSocket,
     pub name: String,
     pub spec: String,
+    /// A unix socket's path and the inode of its file when this process took it.
+    pub file: Option<(std::path::PathBuf, u64)>,
+}
+
+/// The path of a unix listener and the inode of the file there now.
+fn socket_file(l: &std::os::unix::net::UnixListener) -> Option<(std::path::PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let path = l.local_addr().ok()?.as_pathname()?.to_path_buf();
+    let inode = std::fs::symlink_metadata(&path).ok()?.ino();
+    Some((path, inode))
 }
 
 impl Binding {
@@ -92,11 +102,24 @@ impl Binding {
         std::os::fd::AsRawFd::as_raw_fd(&self.socket)
     }
 
+    /// Remove this unix socket's file, if the file at its path is still the one this socket
+    /// is bound to (same inode as when it was bound or handed over): a clean exit leaves no
+    /// file that refuses connections, and never removes a file another server bound since.
+    pub fn remove_socket_file(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Some((path, inode)) = &self.file {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == *inode) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
     pub fn try_clone(&self) -> io::Result<Binding> {
         Ok(Binding {
             socket: self.socket.try_clone()?,
             name: self.name.clone(),
             spec: self.spec.clone(),
+            file: self.file.clone(),
         })
     }
 }
@@ -150,6 +173,7 @@ fn adopt(fd: i32, spec: Option<&str>) -> io::Result<Binding> {
             None => "unix:(unnamed)".to_string(),
         };
         Binding {
+            file: socket_file(&l),
             socket: ListenSocket::Unix(l),
             spec: spec.map_or_else(|| name.clone(), str::to_string),
             name,
@@ -161,6 +185,7 @@ fn adopt(fd: i32, spec: Option<&str>) -> io::Result<Binding> {
             socket: ListenSocket::Tcp(l),
             name: format!("http://{local}"),
             spec: spec.map_or(local, str::to_string),
+            file: None,
         }
     })
 }
@@ -192,6 +217,7 @@ pub fn bind_all(
                         socket: ListenSocket::Tcp(listener),
                         name,
                         spec: text.clone(),
+                        file: None,
                     });
                 }
             }
@@ -204,6 +230,7 @@ pub fn bind_all(
                     )
                 })?;
                 out.push(Binding {
+                    file: socket_file(&listener),
                     socket: ListenSocket::Unix(listener),
                     name: format!("unix:{}", path.display()),
                     spec: text.clone(),
@@ -232,11 +259,22 @@ fn bind_unix(
     backlog: u32,
     mode: Option<u32>,
 ) -> io::Result<std::os::unix::net::UnixListener> {
-    // A socket file left by a previous run that died would make bind fail; remove it, but
-    // never remove anything that is not a socket.
+    // A socket file left by a previous run that died would make bind fail: remove it. But a
+    // socket a live server answers on is that server's (two servers silently sharing a path
+    // is how one of them ends up unreachable), and anything that is not a socket is not ours.
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
+            if let Ok(live) = std::os::unix::net::UnixStream::connect(path) {
+                let pid =
+                    nix::sys::socket::getsockopt(&live, nix::sys::socket::sockopt::PeerCredentials)
+                        .map(|c| c.pid().to_string())
+                        .unwrap_or_else(|_| "unknown".into());
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("a live process (pid {pid}) answers on it; stop it or bind elsewhere"),
+                ));
+            }
             std::fs::remove_file(path)?;
         }
     }

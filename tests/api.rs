@@ -292,3 +292,126 @@ fn access_log_in_json() {
             > 0.0
     );
 }
+
+/// One raw request on its own connection; the status line's code, and the whole answer.
+fn raw(port: u16, bytes: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// RFC 9112 and 9110 where hyper lets a request through: each refused with its own status and
+/// a message that says why, and the worker serves on.
+#[test]
+fn http_corner_cases_get_their_own_status() {
+    let server = Server::start(&config("workers = 1"), 1);
+    let body = r#"{"inputs": "x"}"#;
+    let post = |extra: &str| {
+        format!(
+            "POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "HTTP/1.1 without Host",
+            "GET /health HTTP/1.1\r\nConnection: close\r\n\r\n".to_string(),
+            400,
+            "without a Host",
+        ),
+        (
+            "a gzip body",
+            post("Content-Encoding: gzip\r\n"),
+            415,
+            "unsupported content encoding",
+        ),
+        (
+            "Expect other than 100-continue",
+            post("Expect: the-unexpected\r\n"),
+            417,
+            "only 100-continue",
+        ),
+        (
+            "CONNECT",
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".to_string(),
+            405,
+            "not a proxy",
+        ),
+        (
+            "Content-Length with Transfer-Encoding, on GET /health",
+            "GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                .to_string(),
+            400,
+            "Content-Length",
+        ),
+    ];
+    for (what, bytes, status, says) in cases {
+        let (got, text) = raw(server.port, bytes.as_bytes());
+        assert_eq!(got, status, "{what}: {text}");
+        assert!(text.contains(says), "{what}: {text}");
+    }
+    // HTTP/1.0 needs no Host, and identity is no encoding.
+    let (got, _) = raw(server.port, b"GET /health HTTP/1.0\r\n\r\n");
+    assert_eq!(got, 200);
+    let (got, text) = raw(
+        server.port,
+        post("Content-Encoding: identity\r\n").as_bytes(),
+    );
+    assert_eq!(got, 200, "{text}");
+    // 100-continue: the interim 100, then the answer.
+    let (got, text) = raw(server.port, post("Expect: 100-continue\r\n").as_bytes());
+    assert!(got == 100 && text.contains("HTTP/1.1 200"), "{text}");
+}
+
+/// What an operator reads a 503 with: per-worker queue depth and in-flight requests; which
+/// build serves and since when; padded tokens equal to tokens on the backend that never pads.
+#[test]
+fn metrics_for_operators() {
+    let server = Server::start(&config("workers = 1"), 1);
+    let r = server.post_json(
+        "/embed",
+        r#"{"inputs": ["a", "a much longer sentence with many more tokens in it than the first"]}"#,
+    );
+    assert_eq!(r.status, 200);
+    let text = server.metrics();
+    assert!(
+        text.contains("forkserve_worker_queue_depth{worker=\"0\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("forkserve_worker_in_flight{worker=\"0\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "forkserve_build_info{{version=\"{}\",profile=\"release\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    let started = metric_value(&text, "process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started > now - 300.0 && started <= now,
+        "start time {started} vs now {now}"
+    );
+    // forkserve's own forward pass never pads: what it ran is what it counted.
+    let tokens = metric_value(&text, "forkserve_inference_tokens_total");
+    let padded = metric_value(&text, "forkserve_inference_padded_tokens_total");
+    assert!(tokens > 0.0);
+    assert_eq!(padded, tokens);
+}

@@ -94,7 +94,10 @@ fn case(what: &'static str, body: &str, status: u16, mentions: &'static str) -> 
 #[test]
 fn bad_input_gets_a_clear_error_and_no_worker_dies() {
     let server = Server::start(
-        &config("workers = 2\nmax_sentences = 10\nmax_body_bytes = 4096"),
+        &config(
+            "workers = 2\nmax_sentences = 10\nmax_body_bytes = 4096\n\
+             [cluster]\nmax_sentences = 10\nmax_body_bytes = 4096",
+        ),
         2,
     );
     let pids_before = server.worker_pids();

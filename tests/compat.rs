@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::io::{Read, Write};
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -317,6 +319,37 @@ fn port_and_web_concurrency_as_container_platforms_set_them() {
     });
 }
 
+/// Kubernetes injects these into every pod of a namespace with a Service named forkserve
+/// (enableServiceLinks defaults to true): the pods must start, and a real typo must not.
+#[test]
+fn kubernetes_service_link_variables_do_not_stop_the_start() {
+    let links = [
+        ("FORKSERVE_SERVICE_HOST", "10.96.0.17"),
+        ("FORKSERVE_SERVICE_PORT", "80"),
+        ("FORKSERVE_SERVICE_PORT_HTTP", "80"),
+        ("FORKSERVE_PORT", "tcp://10.96.0.17:80"),
+        ("FORKSERVE_PORT_80_TCP", "tcp://10.96.0.17:80"),
+        ("FORKSERVE_PORT_80_TCP_PROTO", "tcp"),
+        ("FORKSERVE_PORT_80_TCP_PORT", "80"),
+        ("FORKSERVE_PORT_80_TCP_ADDR", "10.96.0.17"),
+    ];
+    let mut server = Server::spawn_with_env(&config("workers = 1"), &[], &links);
+    server.wait_ready(1);
+    assert_eq!(server.get("/health").status, 200);
+
+    let mut typo = links.to_vec();
+    typo.push(("FORKSERVE_WORKER", "2"));
+    let mut refused = Server::spawn_with_env(&config("workers = 1"), &[], &typo);
+    let status = refused.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2));
+    let log = refused.log_text();
+    assert!(
+        log.contains("FORKSERVE_WORKER") && log.contains("not a configuration key"),
+        "{log}"
+    );
+    assert!(!log.contains("FORKSERVE_SERVICE_HOST"), "{log}");
+}
+
 #[test]
 fn gunicorn_access_log_formats_and_forged_user_agents() {
     let dir = TempDir::new("access");
@@ -353,6 +386,24 @@ fn gunicorn_access_log_formats_and_forged_user_agents() {
     );
     // Nothing of it went to the error log.
     assert!(!server.log_text().contains("abc-1"));
+
+    // A head hyper cannot parse never reaches a handler; hyper answers 400 itself. It is
+    // logged and counted all the same.
+    let before = server.metric("forkserve_requests_total{route=\"other\",status=\"400\"}");
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    raw.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    eventually(
+        "the refused head's access line",
+        Duration::from_secs(5),
+        || std::fs::read_to_string(&access).is_ok_and(|t| t.contains("\"- - -\" 400")),
+    );
+    eventually("the refused head counted", Duration::from_secs(5), || {
+        server.metric("forkserve_requests_total{route=\"other\",status=\"400\"}") == before + 1.0
+    });
 }
 
 /// Per-worker series are labelled by scoreboard slot, not pid: however many workers are
@@ -376,7 +427,7 @@ fn per_worker_metrics_stay_bounded_when_workers_recycle() {
         }
     }
     assert!(pids.len() >= 52, "only {} workers served", pids.len());
-    // Four gauges per slot (pid, requests, in flight, private memory). A slot is in use from fork to reap, so while workers recycle
+    // Five gauges per slot (pid, requests, in flight, queue depth, private memory). A slot is in use from fork to reap, so while workers recycle
     // every two requests a worker's slot can be held by the draining, the retiring and the
     // new process at once: at most three slots per configured worker, whatever the count of
     // workers that came and went.
@@ -390,6 +441,6 @@ fn per_worker_metrics_stay_bounded_when_workers_recycle() {
         slots.len(),
         pids.len()
     );
-    assert_eq!(series.len(), 4 * slots.len(), "{series:?}");
+    assert_eq!(series.len(), 5 * slots.len(), "{series:?}");
     assert!(series.iter().all(|s| !s.contains("pid=")));
 }

@@ -259,6 +259,9 @@ fn kubernetes_manifest_probes_health_and_outlasts_graceful_timeout() {
     }
     assert_eq!(container["ports"][0]["name"], "http");
     assert_eq!(container["ports"][0]["containerPort"], 8000);
+    // Service-link variables (FORKSERVE_SERVICE_HOST, FORKSERVE_PORT=tcp://...) are ignored by
+    // forkserve (`tests/compat.rs`), and not injected at all.
+    assert_eq!(pod["enableServiceLinks"], false);
 
     let conf: toml::Table = std::fs::read_to_string(project_dir().join("conf/forkserve.toml"))
         .unwrap()

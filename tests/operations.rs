@@ -15,16 +15,22 @@ fn rewrite_config(server: &Server, text: &str) {
 }
 
 #[test]
-fn hup_with_a_new_worker_count_rolls_the_workers_without_a_failed_request() {
+fn hup_with_new_settings_rolls_the_workers_without_a_failed_request() {
     let server = Server::start(&config("workers = 2"), 2);
     let before = server.worker_pids();
     let load = Load::start(server.port, 4, None);
     eventually("load to flow", Duration::from_secs(10), || {
         load.answered() > 10
     });
-    rewrite_config(&server, &config("workers = 3"));
+    // max_requests is a worker's setting: every worker rolls (and one more starts).
+    rewrite_config(&server, &config("workers = 3\nmax_requests = 100000"));
     server.signal("HUP");
     server.wait_restarts("reload", 2, Duration::from_secs(30));
+    let log = server.log_text();
+    assert!(
+        log.contains("changed: max_requests, workers"),
+        "the reload does not say what changed:\n{log}"
+    );
     eventually("three new workers", Duration::from_secs(20), || {
         let now = server.worker_pids();
         now.len() == 3 && now.is_disjoint(&before)
@@ -112,25 +118,21 @@ fn hup_after_a_new_model_file_serves_the_new_model_without_downtime() {
         model.display().to_string()
     );
     let server = Server::start(&text, 2);
-    assert_eq!(
-        server.post_json("/cluster", &seed_body()).json()["indices"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    let probe = r#"{"inputs": "The Art of Dog Walking"}"#;
+    let vector = |r: Response| floats(&r.json()[0]);
+    let before = vector(server.post_json("/embed", probe));
 
-    // With the last layer's LayerNorm weight at zero every token's output is the LayerNorm
-    // bias: all sentences get the same embedding, so the seed becomes one cluster.
-    scale_tensor(&model, "encoder.layer.5.output.LayerNorm.weight", 0.0);
+    // The last layer's LayerNorm weight negated: a different model, still a usable one (one
+    // that gave every sentence the same vector would be refused by the probe).
+    scale_tensor(&model, "encoder.layer.5.output.LayerNorm.weight", -1.0);
     let load = Load::start(server.port, 3, None);
     server.signal("HUP");
     server.wait_restarts("reload", 2, Duration::from_secs(30));
-    let r = server.post_json("/cluster", &seed_body());
-    assert_eq!(
-        r.json()["indices"],
-        json!([[0, 1, 2, 3, 4, 5, 6, 7, 8]]),
-        "served by the new model"
+    let after = vector(server.post_json("/embed", probe));
+    assert!(
+        cosine(&before, &after) < 0.99,
+        "not served by the new model: cos {}",
+        cosine(&before, &after)
     );
     let failures = load.finish().failures;
     assert!(failures.is_empty(), "{failures:?}");
@@ -146,9 +148,9 @@ fn hup_after_a_new_model_file_serves_the_new_model_without_downtime() {
     server.wait_log("the failed reload", Duration::from_secs(10), |log| {
         log.contains("still serving the previous model")
     });
-    let r = server.post_json("/cluster", &seed_body());
+    let r = server.post_json("/embed", probe);
     assert_eq!(r.status, 200);
-    assert_eq!(r.json()["indices"], json!([[0, 1, 2, 3, 4, 5, 6, 7, 8]]));
+    assert_eq!(vector(r), after, "no longer the model that loaded last");
 }
 
 #[test]
@@ -293,16 +295,26 @@ fn usr1_reopens_the_log_file_in_master_and_workers() {
 
 #[test]
 fn a_worker_over_max_worker_memory_is_recycled_gracefully() {
-    // Every worker's private memory is a few MiB, so 1 MiB recycles each after 3 samples.
-    let server = Server::start(&config("workers = 1\nmax_worker_memory = \"1MiB\""), 1);
+    // A worker idles at ~5 MiB; clustering 3,000 sentences holds ~100 MiB for ~10 s, past
+    // the 40 MiB limit for more than 3 samples: the worker is replaced, after it answers.
+    let server = Server::start(&config("workers = 1\nmax_worker_memory = \"40MiB\""), 1);
     let first = server.worker_pids();
-    let load = Load::start(server.port, 2, None);
+    let load = Load::start(server.port, 1, None);
+    let sentences: Vec<String> = (0..3000)
+        .map(|i| format!("Sentence number {i} about topic {}", i % 37))
+        .collect();
+    let big = server.post_json("/cluster", &json!({ "sentences": sentences }).to_string());
+    assert_eq!(big.status, 200, "the large request itself is answered");
     server.wait_restarts("memory", 1, Duration::from_secs(20));
     eventually("a new worker", Duration::from_secs(10), || {
         server.worker_pids().is_disjoint(&first)
     });
     let failures = load.finish().failures;
     assert!(failures.is_empty(), "{failures:?}");
+    // A limit below a worker's idle memory is refused at start, naming the key.
+    let mut refused = Server::spawn(&config("workers = 1\nmax_worker_memory = \"1MiB\""), &[]);
+    assert_eq!(refused.wait_exit(Duration::from_secs(30)).code(), Some(2));
+    assert!(refused.log_text().contains("max_worker_memory"));
 }
 
 fn uid_of(pid: i32) -> u32 {
@@ -361,4 +373,131 @@ fn serves_a_unix_socket_with_its_mode_and_tcp_side_by_side() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["indices"].as_array().unwrap().len(), 2);
     assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+}
+
+/// GET /health over a unix socket; None if nothing answers.
+fn health_over(path: &std::path::Path) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn a_second_server_never_takes_a_live_servers_socket_or_pidfile() {
+    let dir = TempDir::new("two-masters");
+    let sock = dir.path("api.sock");
+    let pidfile = dir.path("api.pid");
+    let text = config(&format!(
+        "workers = 1\npidfile = {:?}",
+        pidfile.display().to_string()
+    ))
+    .replace(
+        "bind = \"127.0.0.1:0\"",
+        &format!("bind = \"unix:{}\"", sock.display()),
+    );
+    // Leftovers of a server that died: a socket file nobody answers on, a pidfile naming a
+    // dead process. Both are stale and replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    std::fs::write(&pidfile, "999999\n").unwrap();
+    let mut first = Server::spawn(&text, &[]);
+    eventually(
+        "the first server on its socket",
+        Duration::from_secs(60),
+        || health_over(&sock).is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+    );
+    eventually("its pidfile", Duration::from_secs(5), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|p| p.trim() == first.pid().to_string())
+    });
+
+    // The same socket path: refused, naming the path and the live pid.
+    let mut second = Server::spawn(&text, &[]);
+    assert_eq!(second.wait_exit(Duration::from_secs(60)).code(), Some(2));
+    let log = second.log_text();
+    assert!(
+        log.contains(&sock.display().to_string()) && log.contains(&format!("pid {}", first.pid())),
+        "{log}"
+    );
+    // The same pidfile on another address: refused, naming the live pid.
+    let other = text.replace(
+        &format!("bind = \"unix:{}\"", sock.display()),
+        "bind = \"127.0.0.1:0\"",
+    );
+    let mut third = Server::spawn(&other, &[]);
+    assert_eq!(third.wait_exit(Duration::from_secs(60)).code(), Some(2));
+    let log = third.log_text();
+    assert!(
+        log.contains("pidfile") && log.contains(&format!("pid {}", first.pid())),
+        "{log}"
+    );
+    // The first one serves on, its pidfile intact.
+    assert!(health_over(&sock).is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        first.pid().to_string()
+    );
+    // A clean exit removes both its socket file and its pidfile.
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    assert!(!sock.exists(), "the socket file was left behind");
+    assert!(!pidfile.exists(), "the pidfile was left behind");
+}
+
+/// A HUP that changes nothing says so and rolls no worker; one that changes only what the
+/// master uses (worker count) rolls none either, and says what changed; the log's restart
+/// reason is the metric's label.
+#[test]
+fn hup_rolls_workers_only_when_something_they_use_changed() {
+    let server = Server::start(&config("workers = 1"), 1);
+    let before = server.worker_pids();
+    server.signal("HUP");
+    server.wait_log("the reload", Duration::from_secs(30), |l| {
+        l.contains("configuration reloaded (changed: nothing)")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        server.worker_pids(),
+        before,
+        "a HUP that changed nothing rolled the workers"
+    );
+
+    rewrite_config(&server, &config("workers = 2"));
+    server.signal("HUP");
+    server.wait_log("the reload", Duration::from_secs(30), |l| {
+        l.contains("configuration reloaded (changed: workers)")
+    });
+    server.wait_ready_workers(2, Duration::from_secs(30));
+    assert!(
+        server.worker_pids().is_superset(&before),
+        "the first worker was rolled"
+    );
+
+    rewrite_config(&server, &config("workers = 1"));
+    server.signal("HUP");
+    server.wait_restarts("scale_down", 1, Duration::from_secs(30));
+    let log = server.wait_log("the scale-down line", Duration::from_secs(10), |l| {
+        l.contains("reason=\"scale_down\"") || l.contains("reason=scale_down")
+    });
+    assert!(
+        !log.contains("uid=65534 gid=65534 uid="),
+        "the uid line repeats itself"
+    );
+}
+
+/// An address another live server holds: refused with exit 2, naming it.
+#[test]
+fn a_port_in_use_is_refused_with_exit_2() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let text = config("workers = 1").replace(
+        "bind = \"127.0.0.1:0\"",
+        &format!("bind = \"127.0.0.1:{port}\""),
+    );
+    let mut server = Server::spawn(&text, &[]);
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(2));
+    let log = server.log_text();
+    assert!(log.contains(&format!("127.0.0.1:{port}")), "{log}");
 }

@@ -307,7 +307,14 @@ fn serves_through_a_socket_passed_by_systemd() {
     assert_eq!(reply.json()["clusters"].as_array().unwrap().len(), 2);
     // Nothing listens on the configured port: the server never bound it.
     assert!(std::net::TcpStream::connect(("127.0.0.1", decoy_port)).is_err());
-    // A reload keeps systemd's socket.
+    // A reload (of a setting the workers use, so that they roll) keeps systemd's socket.
+    std::fs::write(
+        &conf,
+        std::fs::read_to_string(&conf)
+            .unwrap()
+            .replace("workers = 2", "workers = 2\nmax_requests = 100000"),
+    )
+    .unwrap();
     send_signal(master, "HUP");
     let deadline = Instant::now() + Duration::from_secs(60);
     while count(&std::fs::read_to_string(&log).unwrap(), "worker ready") < 4 {
@@ -347,20 +354,25 @@ fn unit_files_pass_systemd_analyze_verify() {
         "PrivateTmp=yes",
         "MemoryDenyWriteExecute=yes",
         "Requires=forkserve.socket",
+        // A bad configuration (exit 2) is not retried for ever.
+        "RestartPreventExitStatus=2",
+        // log.file under /var/log/forkserve stays writable under ProtectSystem=strict.
+        "LogsDirectory=forkserve",
     ] {
         assert!(service.lines().any(|l| l == line), "{line} missing");
     }
     assert!(service.lines().any(|l| l.starts_with("WatchdogSec=")));
+    // "-": a model kept elsewhere must not fail the start.
     assert!(service
         .lines()
-        .any(|l| l.starts_with("ReadOnlyPaths=") && l.contains("/opt/forkserve/model")));
+        .any(|l| l.starts_with("ReadOnlyPaths=") && l.contains("-/opt/forkserve")));
     std::fs::write(
         dir.path("forkserve.service"),
         service.replace("/usr/local/bin/forkserve", env!("CARGO_BIN_EXE_forkserve")),
     )
     .unwrap();
     std::fs::copy(conf.join("forkserve.socket"), dir.path("forkserve.socket")).unwrap();
-    let out = Command::new(analyze)
+    let out = Command::new(&analyze)
         .arg("verify")
         .arg(dir.path("forkserve.socket"))
         .arg(dir.path("forkserve.service"))
@@ -375,6 +387,96 @@ fn unit_files_pass_systemd_analyze_verify() {
     assert!(
         !stderr.contains("forkserve.service:") && !stderr.contains("forkserve.socket:"),
         "systemd-analyze verify complained:\n{stderr}"
+    );
+    // The hardening, as systemd scores it (lower is better): 1.6 when this test was written.
+    let out = Command::new(analyze)
+        .args(["security", "--offline=yes"])
+        .arg(dir.path("forkserve.service"))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("exposure level for forkserve.service:").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(score <= 1.6, "exposure level {score} > 1.6:\n{text}");
+}
+
+/// The install script, run twice into a staging root (as an upgrade would be): an absolute
+/// model.path that names the installed model, the model replaced whole (never nested inside
+/// the old one), the operator's config kept, the files the units refer to in place; the
+/// staged config and model pass --check-config.
+#[test]
+fn install_script_installs_and_upgrades_into_a_staging_root() {
+    let stage = TempDir::new("install");
+    let root = stage.path("root");
+    let run = || {
+        let out = Command::new(project_dir().join("scripts/install.sh"))
+            .env("DESTDIR", &root)
+            .env("BIN", env!("CARGO_BIN_EXE_forkserve"))
+            .env("MODEL_SRC", model_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "install.sh failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run();
+    let config = root.join("etc/forkserve/forkserve.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "path = \"/opt/forkserve/models/all-MiniLM-L6-v2\""),
+        "{text}"
+    );
+    let model = root.join("opt/forkserve/models/all-MiniLM-L6-v2");
+    assert!(model.join("model.safetensors").is_file());
+    for file in [
+        "usr/local/bin/forkserve",
+        "etc/systemd/system/forkserve.service",
+        "etc/systemd/system/forkserve.socket",
+        "etc/sysusers.d/forkserve.conf",
+        "etc/logrotate.d/forkserve",
+        "usr/share/doc/forkserve/README.md",
+    ] {
+        assert!(root.join(file).is_file(), "{file} not installed");
+    }
+    // The unit's Documentation= names a file the install put there.
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/forkserve.service")).unwrap();
+    assert!(unit.contains("Documentation=file:///usr/share/doc/forkserve/README.md"));
+
+    // An upgrade: the operator's edit survives, the model is replaced, not nested.
+    std::fs::write(&config, format!("{text}\n# edited\n")).unwrap();
+    run();
+    assert!(std::fs::read_to_string(&config)
+        .unwrap()
+        .ends_with("# edited\n"));
+    assert!(
+        !model.join("all-MiniLM-L6-v2").exists(),
+        "the model was nested"
+    );
+    assert!(!root
+        .join("opt/forkserve/models/all-MiniLM-L6-v2.old")
+        .exists());
+
+    let check = Command::new(env!("CARGO_BIN_EXE_forkserve"))
+        .arg("-c")
+        .arg(&config)
+        .arg("--model")
+        .arg(&model)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
     );
 }
 

@@ -87,6 +87,8 @@ impl EmbedTask {
 struct Waiting {
     count: AtomicUsize,
     max: usize,
+    /// Where the queue depth is published (`forkserve_worker_queue_depth`).
+    slot: &'static WorkerSlot,
 }
 
 /// Releases its place in the queue when the request is answered (or dropped).
@@ -95,6 +97,7 @@ struct Place(Arc<Waiting>);
 impl Drop for Place {
     fn drop(&mut self) {
         self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.slot.add_queued(-1);
     }
 }
 
@@ -114,13 +117,16 @@ impl Compute {
         metrics: &'static SharedMetrics,
         max_queue: usize,
         max_batch_tokens: usize,
+        stall: std::time::Duration,
     ) -> std::io::Result<Compute> {
         let (work, queue) = mpsc::channel::<Job>();
+        crate::busy::report_to(slot);
         let runner = Runner {
             embedder,
             slot,
             metrics,
             max_batch_tokens: max_batch_tokens.max(1),
+            stall,
         };
         std::thread::Builder::new()
             .name("compute".into())
@@ -130,6 +136,7 @@ impl Compute {
             waiting: Arc::new(Waiting {
                 count: AtomicUsize::new(0),
                 max: max_queue.max(1),
+                slot,
             }),
         })
     }
@@ -137,6 +144,7 @@ impl Compute {
     /// A place in the queue, or `QueueFull`.
     fn place(&self) -> Result<Place, ComputeError> {
         let before = self.waiting.count.fetch_add(1, Ordering::AcqRel);
+        self.waiting.slot.add_queued(1);
         let place = Place(self.waiting.clone());
         if before >= self.waiting.max {
             return Err(ComputeError::QueueFull);
@@ -257,6 +265,9 @@ struct Runner {
     slot: &'static WorkerSlot,
     metrics: &'static SharedMetrics,
     max_batch_tokens: usize,
+    /// Testing only (`testing.compute_stall`): every forward pass first hangs this long
+    /// without progress, as a computation stuck in a kernel would.
+    stall: std::time::Duration,
 }
 
 impl Runner {
@@ -333,7 +344,12 @@ impl Runner {
             }
         }
         let batch: Vec<&Tokens> = picked.iter().map(|&(t, i)| &tasks[t].tokens[i]).collect();
-        let result = self.guarded(|| self.embedder.embed_batch(&batch));
+        let result = self.guarded(|| {
+            if !self.stall.is_zero() {
+                std::thread::sleep(self.stall);
+            }
+            self.embedder.embed_batch(&batch)
+        });
         let requests = {
             let mut ts: Vec<usize> = picked.iter().map(|&(t, _)| t).collect();
             ts.dedup();

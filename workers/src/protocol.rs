@@ -112,6 +112,8 @@ pub struct WorkerSlot {
     in_flight: AtomicU32,
     /// Open client connections right now.
     connections: AtomicU32,
+    /// Requests waiting for (or in) the compute thread right now, `max_queue` at most.
+    queued: AtomicU32,
     /// Private memory (USS) as last sampled by the master, in bytes.
     private_bytes: AtomicU64,
 }
@@ -202,6 +204,20 @@ impl WorkerSlot {
         self.connections.load(Ordering::Acquire)
     }
 
+    /// A request joins (+1) or leaves (-1) the compute queue.
+    pub fn add_queued(&self, delta: i32) {
+        match delta >= 0 {
+            true => self.queued.fetch_add(delta as u32, Ordering::Relaxed),
+            false => self
+                .queued
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed),
+        };
+    }
+
+    pub fn queued(&self) -> u32 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     pub fn set_private_bytes(&self, bytes: u64) {
         self.private_bytes.store(bytes, Ordering::Relaxed);
     }
@@ -218,6 +234,7 @@ impl WorkerSlot {
         self.requests.store(0, Ordering::Relaxed);
         self.in_flight.store(0, Ordering::Relaxed);
         self.connections.store(0, Ordering::Relaxed);
+        self.queued.store(0, Ordering::Relaxed);
         self.private_bytes.store(0, Ordering::Relaxed);
         self.state
             .store(WorkerState::Booting as u32, Ordering::Release);

@@ -65,6 +65,9 @@ pub struct WorkerSettings {
     /// Testing only: sleep this long during boot, before the warm-up, so tests can exercise the
     /// master's `boot_timeout`. Never set in production.
     pub boot_delay: Duration,
+    /// Testing only: every forward pass hangs this long first, without progress, so tests can
+    /// exercise the master's kill of a stuck computation. Never set in production.
+    pub compute_stall: Duration,
     /// (uid, gid) the worker switches to right after fork; None keeps the master's.
     pub run_as: Option<(u32, u32)>,
     /// The model's name in `/info` and `/v1/embeddings`.

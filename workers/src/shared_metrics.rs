@@ -90,6 +90,8 @@ pub struct SharedMetrics {
     pub padded_tokens: AtomicU64,
     /// Worker replacements by reason (`RestartReason::ALL`).
     pub restarts: [AtomicU64; RestartReason::ALL.len()],
+    /// When the master started, in ms since the Unix epoch (set once, before any fork).
+    pub started_unix_ms: AtomicU64,
 }
 
 impl Default for SharedMetrics {
@@ -102,6 +104,7 @@ impl Default for SharedMetrics {
             tokens: AtomicU64::new(0),
             padded_tokens: AtomicU64::new(0),
             restarts: std::array::from_fn(|_| AtomicU64::new(0)),
+            started_unix_ms: AtomicU64::new(0),
         }
     }
 }

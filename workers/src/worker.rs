@@ -276,6 +276,7 @@ async fn boot(
         board.metrics,
         settings.max_queue,
         settings.max_batch_tokens,
+        settings.compute_stall,
     )
     .map_err(|e| {
         tracing::error!(error = %e, "cannot start the compute thread");

@@ -309,6 +309,37 @@ impl App {
                 return malformed("Transfer-Encoding must end with a single chunked");
             }
         }
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400.
+        if req.version() == hyper::Version::HTTP_11 && !headers.contains_key(hyper::header::HOST) {
+            return malformed("HTTP/1.1 request without a Host header (RFC 9112 §3.2)");
+        }
+        if req.method() == Method::CONNECT {
+            return Err(ApiError::NotAProxy);
+        }
+        if let Some(expect) = headers.get(hyper::header::EXPECT) {
+            if !expect
+                .to_str()
+                .is_ok_and(|e| e.trim().eq_ignore_ascii_case("100-continue"))
+            {
+                return Err(ApiError::ExpectationFailed(format!(
+                    "Expect: {}: only 100-continue is supported",
+                    String::from_utf8_lossy(expect.as_bytes())
+                )));
+            }
+        }
+        // Bodies are read as they come: a compressed one would be JSON to nobody.
+        for coding in headers.get_all(hyper::header::CONTENT_ENCODING) {
+            let coding = String::from_utf8_lossy(coding.as_bytes()).to_string();
+            if coding
+                .split(',')
+                .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
+            {
+                return Err(ApiError::UnsupportedMediaType(format!(
+                    "unsupported content encoding {:?}: send the body uncompressed",
+                    coding.trim()
+                )));
+            }
+        }
         let target = req.uri();
         if target.scheme().is_none()
             && target.authority().is_some()
@@ -395,6 +426,38 @@ impl App {
     /// One line per request: in gunicorn's format to the access log's own file (or stdout),
     /// or else into the error log as a structured event (JSON fields with `log.format =
     /// "json"`). Client-controlled values are quoted and escaped either way.
+    /// A request hyper refused while parsing its head (it answers 400 or 431 itself and
+    /// closes): it never reaches `handle`, and is logged and counted all the same.
+    pub fn refused_while_parsing(&self, remote: &str, status: u16, why: &str) {
+        self.board
+            .metrics
+            .count_request(Route::Other.index(), status, 0.0);
+        if !self.settings.access_log {
+            return;
+        }
+        if let Some(format) = &self.settings.access_log_format {
+            let none = hyper::HeaderMap::new();
+            let record = crate::access_log::Record {
+                remote,
+                method: "-",
+                target: "-",
+                version: "-",
+                status,
+                length: None,
+                duration: std::time::Duration::ZERO,
+                request_headers: &none,
+                response_headers: &none,
+                time: std::time::SystemTime::now(),
+            };
+            if crate::logging::write_access(&format.line(&record)) {
+                return;
+            }
+        }
+        let pid = std::process::id();
+        tracing::info!(target: "forkserve::access", remote, request = "-", status, length = 0,
+            refused = ?why, pid, "access");
+    }
+
     fn access_log(
         &self,
         remote: &str,

@@ -39,6 +39,10 @@ pub enum ApiError {
     MethodNotAllowed {
         allow: &'static str,
     },
+    /// CONNECT: forkserve is not a proxy.
+    NotAProxy,
+    /// An `Expect` other than `100-continue` (RFC 9110 §10.1.1).
+    ExpectationFailed(String),
     NotFound(String),
     /// `/v1/embeddings` asked for a model this server does not serve.
     ModelNotFound(String),
@@ -85,7 +89,10 @@ impl ApiError {
             ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } | ApiError::NotAProxy => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
+            ApiError::ExpectationFailed(_) => StatusCode::EXPECTATION_FAILED,
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -103,7 +110,8 @@ impl ApiError {
             ApiError::Validation { .. } => "validation",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
-            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::MethodNotAllowed { .. } | ApiError::NotAProxy => "method_not_allowed",
+            ApiError::ExpectationFailed(_) => "expectation_failed",
             ApiError::NotFound(_) => "not_found",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::Unauthorized(_) => "unauthorized",
@@ -129,6 +137,10 @@ impl ApiError {
             }
             ApiError::UnsupportedMediaType(m) => m.clone(),
             ApiError::MethodNotAllowed { allow } => format!("method not allowed; use {allow}"),
+            ApiError::NotAProxy => {
+                "CONNECT is not supported: forkserve is an HTTP server, not a proxy".to_string()
+            }
+            ApiError::ExpectationFailed(m) => m.clone(),
             ApiError::NotFound(path) => format!("no route for {path}"),
             ApiError::ModelNotFound(m) => m.clone(),
             ApiError::Unauthorized(m) => m.clone(),
@@ -198,6 +210,11 @@ impl ApiError {
         match self {
             ApiError::MethodNotAllowed { allow } => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            ApiError::NotAProxy => {
+                headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
+                // A tunnel was asked for; what follows on this connection is not HTTP to us.
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::Overloaded(_) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));

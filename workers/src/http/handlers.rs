@@ -94,6 +94,20 @@ impl App {
             )
             .await
             .map_err(compute_error)??;
+        // Never `null` in JSON, nor a silently wrong answer: a vector with NaN or infinity
+        // (weights damaged after the probe, or a numeric overflow) is our failure.
+        if let Some(i) = vectors
+            .iter()
+            .position(|v| v.iter().any(|x| !x.is_finite()))
+        {
+            tracing::error!(
+                input = i,
+                "the model gave a vector with NaN or infinite values"
+            );
+            return Err(ApiError::Internal(format!(
+                "the model gave a vector with NaN or infinite values for {field}[{i}]"
+            )));
+        }
         for v in &mut vectors {
             if let Some(d) = options.dimensions {
                 v.truncate(d);
@@ -157,7 +171,11 @@ impl App {
             .run_stepwise(clusterer, report)
             .await
             .map_err(compute_error)?;
-        Ok(cluster_response(clustering, request))
+        let response = cluster_response(clustering, request);
+        if total >= LARGE_REQUEST {
+            crate::heap::trim(); // the request's vectors and tokens are freed by now
+        }
+        Ok(response)
     }
 
     /// `POST /cluster` with `Accept: application/x-ndjson`: a 200 at once, then progress
@@ -437,6 +455,9 @@ fn tokenize_inputs(
 }
 
 /// Cluster unit vectors; runs on the compute thread.
+/// Sentences from which a request gives its freed heap back to the kernel when done.
+const LARGE_REQUEST: usize = 1000;
+
 /// Where `/cluster` sends its progress lines.
 pub(super) type Lines = tokio::sync::mpsc::UnboundedSender<Bytes>;
 

@@ -17,6 +17,34 @@ pub fn render(board: &SharedBoard) -> String {
 
     header(
         &mut out,
+        "forkserve_build_info",
+        "gauge",
+        "Always 1; the labels say which forkserve build serves.",
+    );
+    let _ = writeln!(
+        out,
+        "forkserve_build_info{{version=\"{}\",profile=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    header(
+        &mut out,
+        "process_start_time_seconds",
+        "gauge",
+        "When the master process started, in seconds since the Unix epoch.",
+    );
+    let _ = writeln!(
+        out,
+        "process_start_time_seconds {:.3}",
+        m.started_unix_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    );
+
+    header(
+        &mut out,
         "forkserve_requests_total",
         "counter",
         "HTTP requests answered, by route and status.",
@@ -163,6 +191,13 @@ pub fn render(board: &SharedBoard) -> String {
         "forkserve_worker_in_flight",
         "Requests each live worker is handling now (queued for a forward pass included).",
         |slot| slot.in_flight() as u64,
+    );
+    per_worker(
+        &mut out,
+        board,
+        "forkserve_worker_queue_depth",
+        "Requests waiting for, or in, each live worker's compute thread (503 past max_queue).",
+        |slot| slot.queued() as u64,
     );
     out
 }

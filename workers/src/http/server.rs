@@ -215,6 +215,7 @@ async fn serve_connection<S>(
     let (stream, defects) = HeadGuard::new(stream);
     // Requests of this connection so far: hyper calls the service once per request, in order.
     let requests = Arc::new(AtomicU64::new(0));
+    let refusals = (app.clone(), remote.clone());
     let service = {
         let activity = activity.clone();
         service_fn(move |req| {
@@ -263,7 +264,13 @@ async fn serve_connection<S>(
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                    // hyper answered 400 (or 431) itself for a head it could not parse.
+                    if e.is_parse() || e.is_parse_too_large() {
+                        let status = if e.is_parse_too_large() { 431 } else { 400 };
+                        refusals.0.refused_while_parsing(&refusals.1, status, &e.to_string());
+                    } else {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
                 }
                 return;
             }

@@ -316,6 +316,8 @@ impl FastEncoder {
         let longest = sentences.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut scores = vec![0f32; longest * longest];
         for layer in &self.layers {
+            // A pass over many tokens may outlast the master's `timeout`; each layer is a step.
+            crate::busy::progressed();
             layer.qkv.forward(&x, total, &mut qkv, threads);
             self.attention(&qkv, sentences, &mut context, &mut scores);
             layer

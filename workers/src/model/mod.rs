@@ -189,6 +189,38 @@ impl SentenceEncoder {
     }
 }
 
+/// The sha256 (hex) of the transformer's weights file, for `model.sha256`. A model whose
+/// weights are sharded over several files has no one file to pin: an error says so.
+pub fn weights_sha256(dir: &Path) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let spec = ModelSpec::read(dir).map_err(|e| e.to_string())?;
+    let files = weights::files_in(&spec.transformer.dir).map_err(|e| e.to_string())?;
+    let [file] = files.as_slice() else {
+        return Err(format!(
+            "the weights are in {} files; model.sha256 pins one model.safetensors",
+            files.len()
+        ));
+    };
+    let mut f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// Everything `load` checks except reading the weights: the modules, the encoder's config, the
 /// tokenizer as rebuilt, and that the weights files are there (`--check-config`).
 pub fn check(dir: &Path) -> Result<ModelSpec, LoadError> {

@@ -115,6 +115,14 @@ fn read_into(
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(|e| invalid(format!("tensor {name}: {e}")))?,
         };
+        // An interrupted copy into a preallocated file leaves zeros (caught by the probe) or
+        // 0xFF bytes, which are NaN: weights must be finite.
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(invalid(format!(
+                "tensor {name}: value {i} is {v}: the weights must be finite (a corrupt or \
+                 truncated file?)"
+            )));
+        }
         out.insert(name, (view.shape().to_vec(), values));
     }
     Ok(())
