@@ -183,6 +183,9 @@ pub struct Arbiter {
     embedder: Arc<dyn Embedder>,
     /// The model's files as loaded, to notice new ones on HUP.
     model_identity: Option<ModelIdentity>,
+    /// Seconds a forward pass takes per token here (the serving model's probe): whether a new
+    /// `max_batch_tokens` or `timeout` can be honoured.
+    seconds_per_token: f64,
     /// Bumped by every successful reload; workers of older generations are rolled out.
     generation: u64,
     scoreboard: Scoreboard,
@@ -203,6 +206,8 @@ pub struct MasterParts {
     pub bindings: Vec<Binding>,
     pub model: SentenceEncoder,
     pub model_identity: Option<ModelIdentity>,
+    /// Seconds a forward pass takes per token here, as the model's probe measured it.
+    pub seconds_per_token: f64,
     pub scoreboard: Scoreboard,
     pub signals: SignalQueue,
     /// The listeners came from systemd (LISTEN_FDS): a reload never binds.
@@ -222,6 +227,7 @@ impl Arbiter {
             socket_activated: parts.socket_activated,
             embedder: Arc::new(parts.model),
             model_identity: parts.model_identity,
+            seconds_per_token: parts.seconds_per_token,
             generation: 0,
             scoreboard: parts.scoreboard,
             signals: parts.signals,
@@ -335,11 +341,21 @@ impl Arbiter {
         let identity = ModelIdentity::of(&new.model.path);
         let changed = crate::config::changed_keys(&self.config, &new);
         let mut model_changed = false;
-        if new.model.path != self.config.model.path
+        let new_model = new.model.path != self.config.model.path
             || new.model.backend != self.config.model.backend
             || new.model.sha256 != self.config.model.sha256
-            || identity != self.model_identity
-        {
+            || identity != self.model_identity;
+        if !new_model {
+            if let Err(e) = crate::model_probe::check_step_time(
+                new.max_batch_tokens,
+                new.timeout,
+                self.embedder.info(),
+                self.seconds_per_token,
+            ) {
+                return self.reload_failed(&e, "configuration");
+            }
+        }
+        if new_model {
             let started = Instant::now();
             if let Err(e) = crate::config::check_model_pin(&new.model) {
                 return self.reload_failed(&e, "model and configuration");
@@ -348,11 +364,20 @@ impl Arbiter {
                 .map_err(|e| e.to_string())
                 .and_then(|model| {
                     crate::model_probe::check(&model, secs(new.boot_timeout))
-                        .map(|()| model)
+                        .map(|rate| (model, rate))
                         .map_err(|e| format!("{}: {e}", new.model.path.display()))
                 });
             match loaded {
-                Ok(model) => {
+                Ok((model, rate)) => {
+                    if let Err(e) = crate::model_probe::check_step_time(
+                        new.max_batch_tokens,
+                        new.timeout,
+                        model.info(),
+                        rate,
+                    ) {
+                        return self.reload_failed(&e, "model and configuration");
+                    }
+                    self.seconds_per_token = rate;
                     tracing::info!(
                         path = %new.model.path.display(),
                         load_ms = started.elapsed().as_millis() as u64,

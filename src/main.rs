@@ -216,12 +216,20 @@ fn start(
     config::check_model_pin(&config.model).map_err(|e| (EXIT_CONFIG, e))?;
     let model = SentenceEncoder::load_with(&config.model.path, config.model.backend)
         .map_err(|e| (EXIT_CONFIG, format!("model.path: {e}")))?;
-    model_probe::check(&model, config::secs(config.boot_timeout)).map_err(|e| {
-        (
-            EXIT_CONFIG,
-            format!("model.path: {}: {e}", config.model.path.display()),
-        )
-    })?;
+    let seconds_per_token =
+        model_probe::check(&model, config::secs(config.boot_timeout)).map_err(|e| {
+            (
+                EXIT_CONFIG,
+                format!("model.path: {}: {e}", config.model.path.display()),
+            )
+        })?;
+    model_probe::check_step_time(
+        config.max_batch_tokens,
+        config.timeout,
+        model.info(),
+        seconds_per_token,
+    )
+    .map_err(|e| (EXIT_CONFIG, e))?;
     let info = model.info();
     tracing::info!(
         path = %config.model.path.display(),
@@ -270,6 +278,7 @@ fn start(
         bindings: listeners,
         model,
         model_identity,
+        seconds_per_token,
         scoreboard,
         signals,
         socket_activated,

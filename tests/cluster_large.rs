@@ -385,3 +385,36 @@ fn cluster_limits_are_its_own() {
     assert_eq!(info["cluster_max_sentences"], 6);
     assert_eq!(info["cluster_max_agglomerative_sentences"], 5);
 }
+
+/// Agglomerative clustering of 5,000 sentences (its default limit) is answered: it holds the
+/// pairs' similarities (100 MB) and runs in O(n²); past the limit, a 422 that says why.
+#[test]
+fn agglomerative_clustering_of_five_thousand_sentences() {
+    let server = Server::start(&config("workers = 1"), 1);
+    let worker = *server.worker_pids().iter().next().unwrap();
+    let sentences = many_sentences(5000);
+    let r = server.post_json(
+        "/cluster",
+        &json!({ "sentences": sentences, "algorithm": "agglomerative", "threshold": 0.8 })
+            .to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let answer = r.json();
+    let clustered: usize = answer["indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_array().unwrap().len())
+        .sum();
+    assert_eq!(
+        clustered + answer["unclustered_indices"].as_array().unwrap().len(),
+        5000
+    );
+    assert!(server.worker_pids().contains(&worker));
+    let more = many_sentences(5001);
+    let r = server.post_json(
+        "/cluster",
+        &json!({ "sentences": more, "algorithm": "agglomerative" }).to_string(),
+    );
+    assert_eq!(r.status, 422);
+}

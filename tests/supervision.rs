@@ -72,7 +72,7 @@ fn a_hung_worker_is_killed_after_timeout_and_replaced() {
 fn a_stuck_computation_is_killed_on_time() {
     // testing.compute_stall: the pass hangs 5 s without progress, as one stuck in a kernel.
     let server = Server::start(
-        &config("workers = 1\ntimeout = 1\n[testing]\ncompute_stall = 5"),
+        &config("workers = 1\ntimeout = 1\nmax_batch_tokens = 1024\n[testing]\ncompute_stall = 5"),
         1,
     );
     let victim = *server.worker_pids().iter().next().unwrap();
@@ -135,7 +135,7 @@ fn a_stuck_computation_is_killed_on_time() {
 #[test]
 fn a_long_pass_that_progresses_is_not_killed() {
     let server = Server::start(
-        &config("workers = 1\nthreads = 1\ntimeout = 2\nmax_batch_tokens = 1048576"),
+        &config("workers = 1\nthreads = 1\ntimeout = 2\nmax_batch_tokens = 12288"),
         1,
     );
     let worker = *server.worker_pids().iter().next().unwrap();
@@ -385,4 +385,20 @@ fn ttin_and_ttou_change_the_worker_count() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(server.worker_pids().len(), 1);
     assert_eq!(server.post_json("/cluster", &seed_body()).status, 200);
+}
+
+/// A `max_batch_tokens` whose passes cannot progress within `timeout` would have every large
+/// request killed (1,048,576 tokens: one layer alone takes minutes): refused at start, with
+/// the rate measured on this machine and the largest value that fits.
+#[test]
+fn a_batch_size_that_cannot_beat_the_timeout_is_refused_at_start() {
+    let mut server = Server::spawn(&config("workers = 1\nmax_batch_tokens = 1048576"), &[]);
+    assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(2));
+    let log = server.log_text();
+    assert!(
+        log.contains("max_batch_tokens = 1048576")
+            && log.contains("tokens/s")
+            && log.contains("raise timeout"),
+        "{log}"
+    );
 }

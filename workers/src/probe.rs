@@ -25,6 +25,18 @@ pub fn probe(embedder: &dyn Embedder) -> Result<(), String> {
     check_vectors(&vectors)
 }
 
+/// Seconds a forward pass takes per token on this machine, from one pass over ~1,024 tokens
+/// of sentences at the model's longest (one thread; what a worker with `threads = 1` does).
+pub fn seconds_per_token(embedder: &dyn Embedder) -> Result<f64, String> {
+    let text = "measure the time a pass takes ".repeat(200);
+    let long = embedder.tokenize(&text, None).map_err(|e| e.to_string())?;
+    let copies = (1024 / long.len().max(1)).clamp(1, 64);
+    let batch: Vec<_> = std::iter::repeat_n(&long, copies).collect();
+    let started = std::time::Instant::now();
+    embedder.embed_batch(&batch).map_err(|e| e.to_string())?;
+    Ok(started.elapsed().as_secs_f64() / (copies * long.len()).max(1) as f64)
+}
+
 /// Every vector finite and non-zero, and not all the same.
 pub fn check_vectors(vectors: &[Vec<f32>]) -> Result<(), String> {
     for (i, v) in vectors.iter().enumerate() {

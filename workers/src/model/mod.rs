@@ -161,6 +161,7 @@ impl SentenceEncoder {
             normalized,
             vocab_size: config.vocab,
             padded_batches: backend == Backend::Candle,
+            layers: config.layers,
         };
         tracing::debug!(tokenizer = %tokenizer.class, ?info, "model read");
         Ok(SentenceEncoder {
