@@ -241,10 +241,15 @@ pub fn parse_cluster_request(
         }) {
             Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
             _ => {
+                // A number is shown as sent (0, -3, 2.5); anything else by its type.
+                let got = match v {
+                    Value::Number(n) => n.to_string(),
+                    other => describe(other).to_string(),
+                };
                 return Err(ApiError::validation(
                     "min_cluster_size",
-                    format!("expected an integer >= 1, got {}", describe(v)),
-                ))
+                    format!("expected an integer >= 1, got {got}"),
+                ));
             }
         },
     };
@@ -763,6 +768,9 @@ mod tests {
             field_of(parse(json!({"sentences": ["a"], "min_cluster_size": 0})).unwrap_err()),
             "min_cluster_size"
         );
+        // The message says what it got.
+        let zero = parse(json!({"sentences": ["a"], "min_cluster_size": 0})).unwrap_err();
+        assert!(zero.message().ends_with("got 0"), "{}", zero.message());
         assert_eq!(
             field_of(parse(json!({"sentences": ["a"], "algorithm": "kmeans"})).unwrap_err()),
             "algorithm"
