@@ -51,6 +51,9 @@ impl Notifier {
         let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|path| {
             let addr = address(path.to_str()?)?;
             let sock = UnixDatagram::unbound().ok()?;
+            // Never block the master's loop on its supervisor: a notification that does not
+            // fit the receiver's queue is dropped (the next STATUS= or WATCHDOG=1 follows).
+            sock.set_nonblocking(true).ok()?;
             Some((sock, addr))
         });
         let watchdog_every = watchdog_period(
@@ -84,12 +87,12 @@ impl Notifier {
         if self.ready_sent {
             return false;
         }
-        self.ready_sent = true;
-        match main_pid {
+        // Not sent (the receiver's queue was full): tried again on the next turn of the loop.
+        self.ready_sent = match main_pid {
             Some(pid) => self.notify(&format!("MAINPID={pid}\nREADY=1")),
             None => self.notify("READY=1"),
-        }
-        true
+        };
+        self.ready_sent
     }
 
     pub fn is_ready_sent(&self) -> bool {
@@ -139,10 +142,20 @@ impl Notifier {
 
     /// Send `message` (newline-separated `KEY=value` pairs). Failures are logged, never fatal:
     /// the service works without its supervisor's notifications.
-    pub fn notify(&self, message: &str) {
-        if let Some((sock, addr)) = &self.socket {
-            if let Err(e) = sock.send_to_addr(message.as_bytes(), addr) {
+    /// False only if the message could not be sent now.
+    pub fn notify(&self, message: &str) -> bool {
+        let Some((sock, addr)) = &self.socket else {
+            return true;
+        };
+        match sock.send_to_addr(message.as_bytes(), addr) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tracing::debug!(message, "systemd's notification queue is full; not sent");
+                false
+            }
+            Err(e) => {
                 tracing::warn!(error = %e, "cannot notify systemd");
+                true
             }
         }
     }

@@ -336,9 +336,10 @@ fn small_requests_are_served_between_a_large_jobs_passes_and_it_is_never_killed(
         small_done < large_took,
         "the small requests waited for the large job ({small_done:?} vs {large_took:?})"
     );
-    // A small request waits for at most the pass in progress (and one clustering step).
+    // A small request waits for at most the pass in progress (and one clustering step):
+    // ~0.3 s each here, on a quiet machine; the bound leaves room for a loaded CI host.
     assert!(
-        slowest < Duration::from_millis(1500),
+        slowest < Duration::from_millis(3000),
         "a small request took {slowest:?}"
     );
     assert!(

@@ -92,6 +92,7 @@ impl App {
     ) -> App {
         let openapi = openapi::document(&openapi::SpecLimits {
             max_sentences: settings.max_sentences,
+            cluster_max_sentences: settings.cluster.max_sentences,
             dimension: model.dimension,
             model: settings.model_name.clone(),
             prompts: model.prompts.keys().cloned().collect(),

@@ -8,6 +8,8 @@ use super::types::ALGORITHMS;
 
 pub struct SpecLimits {
     pub max_sentences: usize,
+    /// `/cluster`'s own limit (`cluster.max_sentences`).
+    pub cluster_max_sentences: usize,
     pub dimension: usize,
     pub model: String,
     /// The model's prompt names (`prompt_name`).
@@ -143,7 +145,8 @@ pub fn document(limits: &SpecLimits) -> Value {
                 "code": {"type": "string", "nullable": true}
             }}}},
             "ClusterRequest": {"type": "object", "additionalProperties": false, "required": ["sentences"], "properties": {
-                "sentences": strings,
+                "sentences": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": limits.cluster_max_sentences,
+                    "description": "Up to cluster.max_sentences; agglomerative up to cluster.max_agglomerative_sentences (422 above)"},
                 "threshold": {"type": "number", "nullable": true, "exclusiveMinimum": true, "minimum": 0, "maximum": 1, "description": "Cosine similarity at or above which sentences belong together (default 0.5)"},
                 "min_cluster_size": {"type": "integer", "nullable": true, "minimum": 1, "description": "Smaller groups are reported as unclustered (default 1)"},
                 "algorithm": {"type": "string", "nullable": true, "enum": nullable_enum(ALGORITHMS)},
@@ -244,6 +247,8 @@ pub fn document(limits: &SpecLimits) -> Value {
                 "max_body_bytes": {"type": "integer"}, "max_batch_tokens": {"type": "integer"},
                 "cluster_algorithms": {"type": "array", "items": {"type": "string"}},
                 "default_threshold": {"type": "number"}, "default_min_cluster_size": {"type": "integer"},
+                "cluster_max_sentences": {"type": "integer"}, "cluster_max_body_bytes": {"type": "integer"},
+                "cluster_max_agglomerative_sentences": {"type": "integer"},
                 "version": {"type": "string"}, "worker_pid": {"type": "integer"}
             }},
             "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok", "draining"]}}}

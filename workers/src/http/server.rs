@@ -170,10 +170,11 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that keeps its request `Busy` until hyper has sent it or dropped it.
+/// A response body that keeps its request `Busy` (if streamed) until hyper has sent it or
+/// dropped it.
 struct TrackedBody {
     body: ResponseBody,
-    _busy: Busy,
+    _busy: Option<Busy>,
 }
 
 type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -224,10 +225,13 @@ async fn serve_connection<S>(
             let remote = remote.clone();
             let defect = defects.of_request(requests.fetch_add(1, Ordering::Relaxed));
             async move {
-                // In flight until its body is sent (a streamed one may take minutes): the
-                // keep-alive and drain timers must not take the connection for idle meanwhile.
                 let busy = Busy::start(activity);
                 let response = app.handle(req, &remote, defect).await;
+                // A streamed body (which may take minutes) keeps its request in flight until
+                // it is sent, so the keep-alive and drain timers do not take the connection
+                // for idle meanwhile; a whole body is done now.
+                let streamed = matches!(response.body(), http_body_util::Either::Right(_));
+                let busy = streamed.then_some(busy);
                 Ok::<_, Infallible>(response.map(|body| TrackedBody { body, _busy: busy }))
             }
         })
