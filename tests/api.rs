@@ -123,7 +123,10 @@ fn openai_embeddings_as_floats_and_base64_with_usage() {
 
 #[test]
 fn info_openapi_docs_and_page() {
-    let server = Server::start(&config("workers = 1\nmax_sentences = 100"), 1);
+    let server = Server::start(
+        &config("workers = 1\nmax_sentences = 100\n[cluster]\nmax_sentences = 300"),
+        1,
+    );
     let info = server.get("/info").json();
     assert_eq!(info["dimension"], 384);
     assert_eq!(info["max_input_length"], 256);
@@ -143,10 +146,12 @@ fn info_openapi_docs_and_page() {
     ] {
         assert!(spec["paths"].get(path).is_some(), "{path} not documented");
     }
+    // Each route's own limit: /cluster's is cluster.max_sentences.
     assert_eq!(
         spec["components"]["schemas"]["ClusterRequest"]["properties"]["sentences"]["maxItems"],
-        100
+        300
     );
+    assert_eq!(info["cluster_max_sentences"], 300);
     for path in ["/docs", "/"] {
         let r = server.get(path);
         assert_eq!(r.status, 200);
