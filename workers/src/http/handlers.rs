@@ -173,7 +173,7 @@ impl App {
             .map_err(compute_error)?;
         let response = cluster_response(clustering, request);
         if total >= LARGE_REQUEST {
-            crate::heap::trim(); // the request's vectors and tokens are freed by now
+            crate::heap::trim_soon();
         }
         Ok(response)
     }
