@@ -129,31 +129,58 @@ fn a_stuck_computation_is_killed_on_time() {
     server.wait_ready_workers(1, Duration::from_secs(10));
 }
 
-/// A forward pass longer than `timeout` that progresses (layer after layer) is not a hang:
-/// with `timeout = 2`, one pass over 48 sentences of 256 tokens (~4 s here, ~0.65 s a layer)
-/// is answered, and the worker lives.
-#[test]
-fn a_long_pass_that_progresses_is_not_killed() {
-    let server = Server::start(
-        &config("workers = 1\nthreads = 1\ntimeout = 2\nmax_batch_tokens = 12288"),
-        1,
-    );
-    let worker = *server.worker_pids().iter().next().unwrap();
+/// `n` distinct sentences of 300 words: 256 tokens each once truncated.
+fn long_sentences(n: usize) -> Vec<String> {
     let words = "walking dogs speaking public river garden morning quiet engineer music";
     let words: Vec<&str> = words.split(' ').collect();
-    let sentences: Vec<String> = (0..48)
+    (0..n)
         .map(|i| {
             (0..300)
                 .map(|j| words[(i + j * 7) % words.len()])
                 .collect::<Vec<_>>()
                 .join(" ")
         })
-        .collect();
+        .collect()
+}
+
+/// A forward pass longer than `timeout` that progresses (layer after layer) is not a hang.
+/// The pass is sized on this machine's speed, measured first: about 2.5 × `timeout` (2 s) for
+/// the whole pass, so ~0.8 s a layer with MiniLM's 6, whatever the CPU. It is answered, and
+/// the worker lives.
+#[test]
+fn a_long_pass_that_progresses_is_not_killed() {
+    const TIMEOUT: f64 = 2.0;
+    // How long one 256-token sentence takes in a pass here (median of 3 passes of 8).
+    let per_sentence = {
+        let probe = Server::start(&config("workers = 1\nthreads = 1"), 1);
+        let body = json!({ "inputs": long_sentences(8) }).to_string();
+        let mut times: Vec<f64> = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                assert_eq!(probe.post_json("/embed", &body).status, 200);
+                t.elapsed().as_secs_f64() / 8.0
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[1]
+    };
+    let n = ((2.5 * TIMEOUT / per_sentence).ceil() as usize).clamp(8, 400);
+    let server = Server::start(
+        &config(&format!(
+            "workers = 1\nthreads = 1\ntimeout = {TIMEOUT}\nmax_batch_tokens = {}",
+            n * 256
+        )),
+        1,
+    );
+    let worker = *server.worker_pids().iter().next().unwrap();
     let started = Instant::now();
-    let r = server.post_json("/embed", &json!({ "inputs": sentences }).to_string());
+    let r = server.post_json(
+        "/embed",
+        &json!({ "inputs": long_sentences(n) }).to_string(),
+    );
     let took = started.elapsed();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json().as_array().unwrap().len(), 48);
+    assert_eq!(r.json().as_array().unwrap().len(), n);
     assert!(
         server.worker_pids().contains(&worker),
         "the worker was killed"
@@ -162,9 +189,11 @@ fn a_long_pass_that_progresses_is_not_killed() {
         server.metric("forkserve_worker_restarts_total{reason=\"timeout\"}"),
         0.0
     );
+    // One pass (all n sentences fit max_batch_tokens), longer than the timeout.
+    assert_eq!(server.metric("forkserve_inference_batch_size_count"), 1.0);
     assert!(
-        took > Duration::from_secs(2),
-        "the pass took {took:?}: not longer than timeout"
+        took.as_secs_f64() > TIMEOUT,
+        "the pass of {n} sentences took {took:?}: not longer than timeout"
     );
 }
 
@@ -388,11 +417,15 @@ fn ttin_and_ttou_change_the_worker_count() {
 }
 
 /// A `max_batch_tokens` whose passes cannot progress within `timeout` would have every large
-/// request killed (1,048,576 tokens: one layer alone takes minutes): refused at start, with
-/// the rate measured on this machine and the largest value that fits.
+/// request killed (1,048,576 tokens: one layer alone takes a minute or more): refused at
+/// start, with the rate measured on this machine and the largest value that fits.
 #[test]
 fn a_batch_size_that_cannot_beat_the_timeout_is_refused_at_start() {
-    let mut server = Server::spawn(&config("workers = 1\nmax_batch_tokens = 1048576"), &[]);
+    // timeout 5 s: a layer of a million tokens takes far longer on any CPU (~90 s here).
+    let mut server = Server::spawn(
+        &config("workers = 1\ntimeout = 5\nmax_batch_tokens = 1048576"),
+        &[],
+    );
     assert_eq!(server.wait_exit(Duration::from_secs(60)).code(), Some(2));
     let log = server.log_text();
     assert!(
