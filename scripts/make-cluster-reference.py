@@ -21,7 +21,7 @@ which is noise, not a difference of algorithm. With the margin far above that ro
 """
 
 import argparse
-import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -35,6 +35,13 @@ import numpy as np  # noqa: E402
 import sentence_transformers  # noqa: E402
 import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer, util  # noqa: E402
+
+# The weights' digest as make-reference.py records it (one definition for both fixtures).
+_spec = importlib.util.spec_from_file_location(
+    "make_reference", os.path.join(os.path.dirname(os.path.abspath(__file__)), "make-reference.py"))
+_make_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_make_reference)
+sha256 = _make_reference.sha256
 
 TOPICS = [
     ("walking the dog", "dog walks", "your dog's daily walk"),
@@ -138,14 +145,6 @@ def widest_gap(similarities, target, reach=0.004):
     i = int(np.argmax(gaps))
     threshold = float(np.float32((bounds[i] + bounds[i + 1]) / 2))
     return threshold, float(gaps[i] / 2)
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main():

@@ -20,14 +20,7 @@ fn metric(text: &str, name: &str, labels: &str) -> f64 {
 
 fn embed_one(port: u16, text: &str) -> Vec<f64> {
     let body = serde_json::json!({ "inputs": text }).to_string();
-    let r = request(
-        port,
-        "POST",
-        "/embed",
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    )
-    .expect("POST /embed");
+    let r = post_json_to(port, "/embed", &body).expect("POST /embed");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     vectors(&r.json()).remove(0)
 }
@@ -74,14 +67,7 @@ fn a_sentence_vector_does_not_depend_on_its_pass_mates() {
                     let at = batch.iter().position(|s| s == probe).unwrap();
                     let body = serde_json::json!({ "inputs": batch }).to_string();
                     barrier.wait();
-                    let r = request(
-                        port,
-                        "POST",
-                        "/embed",
-                        &[("Content-Type", "application/json")],
-                        body.as_bytes(),
-                    )
-                    .expect("POST /embed");
+                    let r = post_json_to(port, "/embed", &body).expect("POST /embed");
                     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
                     vectors(&r.json()).remove(at)
                 })
@@ -143,14 +129,7 @@ fn a_small_request_joins_between_the_passes_of_a_large_one() {
     let body = serde_json::json!({ "sentences": big }).to_string();
     let big_start = Instant::now();
     let big_thread = thread::spawn(move || {
-        let r = request(
-            port,
-            "POST",
-            "/cluster",
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        )
-        .expect("POST /cluster");
+        let r = post_json_to(port, "/cluster", &body).expect("POST /cluster");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         Instant::now()
     });

@@ -229,14 +229,7 @@ impl Server {
     }
 
     pub fn post_json(&self, path: &str, body: &str) -> Response {
-        request(
-            self.port,
-            "POST",
-            path,
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        )
-        .expect("request")
+        post_json_to(self.port, path, body).expect("request")
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -473,6 +466,17 @@ impl Response {
 }
 
 /// One request on a fresh connection (`Connection: close`).
+/// POST a JSON body on a fresh connection (for client threads that hold only the port).
+pub fn post_json_to(port: u16, path: &str, body: &str) -> std::io::Result<Response> {
+    request(
+        port,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+}
+
 pub fn request(
     port: u16,
     method: &str,

@@ -118,6 +118,14 @@ pub struct WorkerSlot {
     private_bytes: AtomicU64,
 }
 
+/// Move a gauge of the slot up or down by `delta`.
+fn add(gauge: &AtomicU32, delta: i32, order: Ordering) {
+    match delta >= 0 {
+        true => gauge.fetch_add(delta as u32, order),
+        false => gauge.fetch_sub(delta.unsigned_abs(), order),
+    };
+}
+
 // State changes publish (Release) and are read with Acquire, so whoever sees a state also sees
 // what the writer did before it. The counters are statistics: Relaxed.
 impl WorkerSlot {
@@ -178,12 +186,7 @@ impl WorkerSlot {
 
     /// A request starts (+1) or ends (-1).
     pub fn add_in_flight(&self, delta: i32) {
-        match delta >= 0 {
-            true => self.in_flight.fetch_add(delta as u32, Ordering::Relaxed),
-            false => self
-                .in_flight
-                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed),
-        };
+        add(&self.in_flight, delta, Ordering::Relaxed);
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -192,12 +195,7 @@ impl WorkerSlot {
 
     /// A connection opens (+1) or closes (-1).
     pub fn add_connections(&self, delta: i32) {
-        match delta >= 0 {
-            true => self.connections.fetch_add(delta as u32, Ordering::AcqRel),
-            false => self
-                .connections
-                .fetch_sub(delta.unsigned_abs(), Ordering::AcqRel),
-        };
+        add(&self.connections, delta, Ordering::AcqRel);
     }
 
     pub fn connections(&self) -> u32 {
@@ -206,12 +204,7 @@ impl WorkerSlot {
 
     /// A request joins (+1) or leaves (-1) the compute queue.
     pub fn add_queued(&self, delta: i32) {
-        match delta >= 0 {
-            true => self.queued.fetch_add(delta as u32, Ordering::Relaxed),
-            false => self
-                .queued
-                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed),
-        };
+        add(&self.queued, delta, Ordering::Relaxed);
     }
 
     pub fn queued(&self) -> u32 {

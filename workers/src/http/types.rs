@@ -404,16 +404,7 @@ pub fn parse_decode_request(body: Value, limits: RequestLimits) -> Result<Decode
             vec![token_ids(items, "ids", limits)?]
         }
         Some(Value::Array(items)) => {
-            if items.len() > limits.max_sentences {
-                return Err(ApiError::validation(
-                    "ids",
-                    format!(
-                        "too many items: {} (the limit is {})",
-                        items.len(),
-                        limits.max_sentences
-                    ),
-                ));
-            }
+            at_most("ids", items.len(), limits.max_sentences)?;
             items
                 .iter()
                 .enumerate()
@@ -493,16 +484,7 @@ fn inputs(
     if items.iter().all(Value::is_number) {
         return Ok(vec![TextInput::Ids(token_ids(items, field, limits)?)]);
     }
-    if items.len() > limits.max_sentences {
-        return Err(ApiError::validation(
-            field,
-            format!(
-                "too many items: {} (the limit is {})",
-                items.len(),
-                limits.max_sentences
-            ),
-        ));
-    }
+    at_most(field, items.len(), limits.max_sentences)?;
     items
         .iter()
         .enumerate()
@@ -653,12 +635,7 @@ fn string_list(obj: &Map<String, Value>, field: &str, max: usize) -> Result<Vec<
     if items.is_empty() {
         return Err(ApiError::validation(field, "must not be empty"));
     }
-    if items.len() > max {
-        return Err(ApiError::validation(
-            field,
-            format!("too many items: {} (the limit is {max})", items.len()),
-        ));
-    }
+    at_most(field, items.len(), max)?;
     items
         .iter()
         .enumerate()
@@ -667,6 +644,18 @@ fn string_list(obj: &Map<String, Value>, field: &str, max: usize) -> Result<Vec<
             other => Err(wrong_type(&format!("{field}[{i}]"), "a string", other)),
         })
         .collect()
+}
+
+/// A list longer than its limit (`max_sentences`, `cluster.max_sentences`) is a 422 naming
+/// the field, the count and the limit.
+fn at_most(field: &str, len: usize, max: usize) -> Result<(), ApiError> {
+    if len > max {
+        return Err(ApiError::validation(
+            field,
+            format!("too many items: {len} (the limit is {max})"),
+        ));
+    }
+    Ok(())
 }
 
 fn wrong_type(field: &str, expected: &str, got: &Value) -> ApiError {
