@@ -200,10 +200,15 @@ def embed(conn, texts):
         raise RuntimeError(f"/embed answered {r.status}: {body[:200]!r}")
 
 
-def section_latency(onnx_path, model_dir, threads_list, sizes, repeats):
+def section_latency(onnx_path, model_dir, threads_list, sizes, repeats, precision="f32"):
     rows = []
     for threads in threads_list:
-        server = Server("forkserve", 1, threads=threads, model=model_dir)
+        # model.precision through the environment the server inherits.
+        os.environ["FORKSERVE_MODEL_PRECISION"] = precision
+        try:
+            server = Server("forkserve", 1, threads=threads, model=model_dir)
+        finally:
+            del os.environ["FORKSERVE_MODEL_PRECISION"]
         try:
             server.wait_first_ok()
             ort_enc = OrtEncoder(onnx_path, model_dir, threads)
@@ -230,13 +235,13 @@ def section_latency(onnx_path, model_dir, threads_list, sizes, repeats):
                             ort_enc.encode(texts)
                             ort_ms.append((time.perf_counter() - t) * 1000)
                 lengths = token_lengths(server.port, titles(n, 0))
-                row = {"threads": threads, "sentences": n, "tokens": sum(lengths),
+                row = {"threads": threads, "precision": precision, "sentences": n, "tokens": sum(lengths),
                        "gflop": forward_flops(lengths, model_dir) / 1e9,
                        "forkserve_ms": statistics.median(fs), "ort_ms": statistics.median(ort_ms),
                        "forkserve_runs_ms": fs, "ort_runs_ms": ort_ms}
                 row["ratio"] = row["forkserve_ms"] / row["ort_ms"]
                 rows.append(row)
-                print(f"  threads {threads}, {n:4} sentences: forkserve {row['forkserve_ms']:8.2f} ms, "
+                print(f"  threads {threads}, {precision}, {n:4} sentences: forkserve {row['forkserve_ms']:8.2f} ms, "
                       f"ORT {row['ort_ms']:8.2f} ms, ratio {row['ratio']:.2f}", flush=True)
             conn.close()
         finally:
@@ -344,13 +349,14 @@ def report(result):
            f"({m['flop_per_cycle']} flop/cycle). ORT {result['ort_version']}, embeddings checked first: "
            f"min cos {result['ort_min_cos']:.6f} against sentence-transformers.", "",
            "## Latency: forkserve POST /embed over HTTP vs ORT in-process (median)", "",
-           "| threads | sentences | tokens | forkserve | ORT | forkserve / ORT | forkserve share of peak |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| threads | forkserve weights | sentences | tokens | forkserve | ORT | forkserve / ORT | forkserve share of peak |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["latency"]:
         share = r["gflop"] / (r["forkserve_ms"] / 1000) / (result["peak_gflops"] * r["threads"])
-        out.append(f"| {r['threads']} | {r['sentences']} | {r['tokens']} | {r['forkserve_ms']:.2f} ms | "
+        out.append(f"| {r['threads']} | {r.get('precision', 'f32')} | {r['sentences']} | {r['tokens']} | {r['forkserve_ms']:.2f} ms | "
                    f"{r['ort_ms']:.2f} ms | {r['ratio']:.2f} | {share:.0%} |")
-    out += ["", "Ratio below 1: forkserve is faster (its time includes HTTP and JSON; ORT's does not).", "",
+    out += ["", "Ratio below 1: forkserve is faster (its time includes HTTP and JSON; ORT's does not). "
+            "ORT's weights are f32 in every row; \"f16\" rows are forkserve with `model.precision = \"f16\"`.", "",
             "## Concurrency: one worker on one core per stack (wrk, req/s, p50 / p99 ms)", "",
             "| request | connections | forkserve | Python stack | forkserve / Python |",
             "| --- | ---: | ---: | ---: | ---: |"]
@@ -399,7 +405,10 @@ def main():
               "ort_version": onnxruntime.__version__, "ort_min_cos": min_cos,
               "command": "target/bench-venv/bin/python bench/ort.py" + (" --quick" if args.quick else "")}
     print(f"clock {mhz:.0f} MHz measured; peak {result['peak_gflops']:.1f} GFLOP/s per core", flush=True)
-    result["latency"] = section_latency(onnx_path, args.model, [1, 2], SIZES, 7 if args.quick else 21)
+    repeats = 7 if args.quick else 21
+    result["latency"] = section_latency(onnx_path, args.model, [1, 2], SIZES, repeats)
+    # model.precision = "f16" (weights rounded to half precision, computed in f32).
+    result["latency"] += section_latency(onnx_path, args.model, [1], SIZES, repeats, precision="f16")
     result["concurrency"] = section_concurrency(args.model, [1, 4, 32], 5 if args.quick else 15)
     result["head_of_line"] = section_head_of_line(args.model)
     os.makedirs(RESULTS, exist_ok=True)

@@ -343,6 +343,7 @@ impl Arbiter {
         let mut model_changed = false;
         let new_model = new.model.path != self.config.model.path
             || new.model.backend != self.config.model.backend
+            || new.model.precision != self.config.model.precision
             || new.model.sha256 != self.config.model.sha256
             || identity != self.model_identity;
         if !new_model {
@@ -360,13 +361,14 @@ impl Arbiter {
             if let Err(e) = crate::config::check_model_pin(&new.model) {
                 return self.reload_failed(&e, "model and configuration");
             }
-            let loaded = SentenceEncoder::load_with(&new.model.path, new.model.backend)
-                .map_err(|e| e.to_string())
-                .and_then(|model| {
-                    crate::model_probe::check(&model, secs(new.boot_timeout))
-                        .map(|rate| (model, rate))
-                        .map_err(|e| format!("{}: {e}", new.model.path.display()))
-                });
+            let loaded =
+                SentenceEncoder::load_with(&new.model.path, new.model.backend, new.model.precision)
+                    .map_err(|e| e.to_string())
+                    .and_then(|model| {
+                        crate::model_probe::check(&model, secs(new.boot_timeout))
+                            .map(|rate| (model, rate))
+                            .map_err(|e| format!("{}: {e}", new.model.path.display()))
+                    });
             match loaded {
                 Ok((model, rate)) => {
                     if let Err(e) = crate::model_probe::check_step_time(

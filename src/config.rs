@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use forkserve_worker::logging;
-use forkserve_worker::model::Backend;
+use forkserve_worker::model::{Backend, Precision};
 use forkserve_worker::settings::{ClusterDefaults, HttpLimits, WorkerSettings};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -78,6 +78,7 @@ pub struct ModelConfig {
     pub name: Option<String>,
     pub sha256: Option<String>,
     pub backend: Backend,
+    pub precision: Precision,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -707,6 +708,15 @@ impl Config {
         if self.model.path.as_os_str().is_empty() {
             return Err(ConfigError::new("model.path", "must not be empty"));
         }
+        if self.model.precision != Precision::F32 && self.model.backend != Backend::Fast {
+            return Err(ConfigError::new(
+                "model.precision",
+                format!(
+                    "\"{}\" needs model.backend = \"fast\" (candle's models keep f32 weights)",
+                    self.model.precision.name()
+                ),
+            ));
+        }
         if let Some(format) = &self.log.access_log_format {
             forkserve_worker::access_log::Format::parse(format)
                 .map_err(|reason| ConfigError::new("log.access_log_format", reason))?;
@@ -1092,6 +1102,8 @@ mod tests {
             ("[log]\nlevel = \"loud\"", "log.level"),
             ("[log]\nformat = \"xml\"", "log.format"),
             ("umask = \"0o999\"", "umask"),
+            ("[model]\nprecision = \"bf16\"", "model.precision"),
+            ("[model]\nprecision = \"f16\"\nbackend = \"candle\"", "model.precision"),
         ] {
             let e = from_str(text).unwrap_err();
             assert_eq!(e.key, key, "{text}: {e}");

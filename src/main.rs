@@ -214,8 +214,12 @@ fn start(
     let loading = Instant::now();
     let model_identity = ModelIdentity::of(&config.model.path);
     config::check_model_pin(&config.model).map_err(|e| (EXIT_CONFIG, e))?;
-    let model = SentenceEncoder::load_with(&config.model.path, config.model.backend)
-        .map_err(|e| (EXIT_CONFIG, format!("model.path: {e}")))?;
+    let model = SentenceEncoder::load_with(
+        &config.model.path,
+        config.model.backend,
+        config.model.precision,
+    )
+    .map_err(|e| (EXIT_CONFIG, format!("model.path: {e}")))?;
     let seconds_per_token =
         model_probe::check(&model, config::secs(config.boot_timeout)).map_err(|e| {
             (
@@ -235,6 +239,7 @@ fn start(
         path = %config.model.path.display(),
         load_ms = loading.elapsed().as_millis() as u64,
         backend = config.model.backend.name(),
+        precision = config.model.precision.name(),
         architecture = %info.model_type,
         pooling = %info.pooling.join("+"),
         dimension = info.dimension,

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use forkserve_worker::embedder::embed_all;
-use forkserve_worker::model::Backend;
+use forkserve_worker::model::{Backend, Precision};
 use forkserve_worker::{Embedder, SentenceEncoder};
 use serde_json::{json, Value};
 use support::*;
@@ -238,7 +238,7 @@ fn token_ids_and_both_backends_match() {
             .and_then(|p| reference["prompts"][p].as_str())
             .map(str::to_string);
         for backend in [Backend::Fast, Backend::Candle] {
-            let model = match SentenceEncoder::load_with(&dir, backend) {
+            let model = match SentenceEncoder::load_with(&dir, backend, Precision::F32) {
                 Ok(m) => m,
                 // candle-transformers has no MPNet: refused, never served otherwise.
                 Err(e) if backend == Backend::Candle && e.to_string().contains("no MPNet") => {

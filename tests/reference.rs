@@ -5,7 +5,7 @@
 mod support;
 
 use forkserve_worker::embedder::embed_all;
-use forkserve_worker::model::Backend;
+use forkserve_worker::model::{Backend, Precision};
 use forkserve_worker::{Embedder, SentenceEncoder, Tokens};
 use support::*;
 
@@ -30,7 +30,8 @@ fn tokens_and_embeddings_match_sentence_transformers() {
 
     // forkserve's own forward pass (the default) and candle-transformers' BertModel.
     for backend in [Backend::Fast, Backend::Candle] {
-        let model = SentenceEncoder::load_with(&model_dir(), backend).expect("load model");
+        let model =
+            SentenceEncoder::load_with(&model_dir(), backend, Precision::F32).expect("load model");
         assert_eq!(model.dimension(), 384);
         assert_eq!(model.max_tokens(), 256);
         let tokens: Vec<Tokens> = sentences

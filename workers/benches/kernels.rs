@@ -7,7 +7,8 @@
 //! Random weights: the subject is speed, not the model (accuracy is tests/reference.rs's job).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use forkserve_worker::model::kernels::{gelu_erf, layer_norm, softmax, Linear};
+use forkserve_worker::model::kernels::{gelu_erf, layer_norm, softmax};
+use forkserve_worker::model::linear::Linear;
 use std::hint::black_box;
 
 const TOKENS: usize = 69;

@@ -42,6 +42,8 @@ pub struct ModelInfo {
     /// The forward pass pads a batch to its longest sentence (candle's); false for forkserve's
     /// own, which packs sentences without padding.
     pub padded_batches: bool,
+    /// How the encoder's weights are kept in memory.
+    pub precision: crate::model::Precision,
     /// Transformer layers. forkserve's own pass reports progress after each (candle's only
     /// after the whole pass), which bounds the longest step the master's `timeout` sees.
     pub layers: usize,

@@ -27,6 +27,7 @@ use super::{metrics, openapi, pages};
 use crate::compute::Compute;
 use crate::embedder::ModelInfo;
 use crate::lifecycle::Lifecycle;
+use crate::model::Precision;
 use crate::settings::WorkerSettings;
 use crate::shared_metrics::SharedBoard;
 
@@ -377,7 +378,10 @@ impl App {
         let model = &self.model;
         InfoResponse {
             model_id: self.settings.model_name.clone(),
-            model_dtype: "float32",
+            model_dtype: match model.precision {
+                Precision::F32 => "float32",
+                Precision::F16 => "float16",
+            },
             architecture: model.architecture.clone(),
             model_type: model.model_type.clone(),
             pooling: model.pooling.join("+"),

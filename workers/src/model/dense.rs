@@ -1,7 +1,7 @@
 //! sentence-transformers' `Dense` module: `activation(W·x + b)` on the sentence vector, with
 //! its optional residual connection. Several chain in the order `modules.json` lists them.
 
-use super::kernels::Linear;
+use super::linear::Linear;
 
 /// The activations a Dense module can name (`activation_function`), by their torch class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

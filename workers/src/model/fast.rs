@@ -19,9 +19,8 @@
 //! fork, so every worker shares them copy-on-write.
 
 use super::architecture::{mpnet_bucket, EncoderConfig, Family, HiddenAct, MPNET_BUCKETS};
-use super::kernels::{
-    gelu_erf, gelu_tanh, layer_norm, matmul, relu, silu, softmax, Linear, MatRef,
-};
+use super::kernels::{gelu_erf, gelu_tanh, layer_norm, matmul, relu, silu, softmax, MatRef};
+use super::linear::{Linear, Precision};
 use super::weights::RawWeights;
 use rayon::prelude::*;
 
@@ -110,7 +109,13 @@ pub struct FastEncoder {
 }
 
 impl FastEncoder {
-    pub fn new(config: &EncoderConfig, mut weights: RawWeights) -> Result<FastEncoder, String> {
+    /// The encoder of `config` from its weights, the linear layers' weights kept in
+    /// `precision`.
+    pub fn new(
+        config: &EncoderConfig,
+        mut weights: RawWeights,
+        precision: Precision,
+    ) -> Result<FastEncoder, String> {
         let hidden = config.hidden;
         let heads = config.heads;
         // Checkpoints name the tensors with or without the model's prefix ("bert.",
@@ -158,12 +163,18 @@ impl FastEncoder {
                 tensors(names.k, hidden, hidden)?,
                 tensors(names.v, hidden, hidden)?,
             );
+            let stored = |linear: Linear, name: &str| {
+                linear.in_precision(precision).map_err(|e| {
+                    format!("{p}{name}: {e}: set model.precision = \"f32\" for this model")
+                })
+            };
             // Q, K and V as one product: one pass over the activations instead of three.
             let qkv = Linear::from_torch_parts(&[(&q.0, &q.1), (&k.0, &k.1), (&v.0, &v.1)], hidden);
+            let qkv = stored(qkv, names.q)?;
             let mut linear =
                 |name: &str, inputs: usize, outputs: usize| -> Result<Linear, String> {
                     let (w, b) = tensors(name, inputs, outputs)?;
-                    Ok(Linear::from_torch(&w, b, inputs, outputs))
+                    stored(Linear::from_torch(&w, b, inputs, outputs), name)
                 };
             let attention_out = linear(names.attention_out, hidden, hidden)?;
             let intermediate = linear("intermediate.dense", hidden, inter)?;

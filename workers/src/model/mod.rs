@@ -12,6 +12,7 @@ mod directory;
 mod fast;
 mod files;
 pub mod kernels;
+pub mod linear;
 mod pooling;
 mod tokenizer;
 mod weights;
@@ -26,7 +27,8 @@ use dense::Dense;
 pub use directory::ModelSpec;
 use directory::{DenseSpec, Step};
 pub use files::{LoadError, ModelIdentity};
-use kernels::Linear;
+use linear::Linear;
+pub use linear::Precision;
 use pooling::Pooling;
 use tokenizer::SentenceTokenizer;
 
@@ -79,10 +81,16 @@ pub struct SentenceEncoder {
 impl SentenceEncoder {
     /// Read the model directory: its modules, tokenizer and weights (through a memory map).
     pub fn load(dir: &Path) -> Result<SentenceEncoder, LoadError> {
-        SentenceEncoder::load_with(dir, Backend::Fast)
+        SentenceEncoder::load_with(dir, Backend::Fast, Precision::F32)
     }
 
-    pub fn load_with(dir: &Path, backend: Backend) -> Result<SentenceEncoder, LoadError> {
+    /// Read the model directory and build `backend`'s forward pass over it, the weights of its
+    /// linear layers kept in `precision` (forkserve's own backend only).
+    pub fn load_with(
+        dir: &Path,
+        backend: Backend,
+        precision: Precision,
+    ) -> Result<SentenceEncoder, LoadError> {
         let spec = ModelSpec::read(dir)?;
         if spec.plain {
             tracing::info!(
@@ -100,7 +108,13 @@ impl SentenceEncoder {
         };
         let encoder = match backend {
             Backend::Fast => {
-                Encoder::Fast(fast::FastEncoder::new(&config, raw).map_err(model_error)?)
+                Encoder::Fast(fast::FastEncoder::new(&config, raw, precision).map_err(model_error)?)
+            }
+            Backend::Candle if precision != Precision::F32 => {
+                return Err(LoadError::invalid(
+                    dir,
+                    "model.precision other than f32 needs model.backend = \"fast\"".to_string(),
+                ))
             }
             Backend::Candle => Encoder::Candle(candle::CandleEncoder::new(&config, raw)?),
         };
@@ -161,6 +175,7 @@ impl SentenceEncoder {
             normalized,
             vocab_size: config.vocab,
             padded_batches: backend == Backend::Candle,
+            precision,
             layers: config.layers,
         };
         tracing::debug!(tokenizer = %tokenizer.class, ?info, "model read");

@@ -3,7 +3,7 @@
 //!
 //! Where the weights live, once and for all: the safetensors file is mapped only while the
 //! master loads; the model keeps its weights in f32 vectors of the master's (packed for the
-//! forward pass, `kernels::Linear`), each of them 128 KiB or more and so, with the malloc
+//! forward pass, `linear::Linear`), each of them 128 KiB or more and so, with the malloc
 //! threshold `main.rs` sets before anything else, its own anonymous mapping rather than heap.
 //! Every worker shares those pages copy-on-write and never writes them.
 

@@ -1,0 +1,750 @@
+//! The linear layers of the forward pass: weights packed once at load (in the master, before
+//! fork, so every worker shares them), and the products `x · Wᵀ + b` over them.
+//!
+//! Two ways to run a product, chosen by the number of input rows:
+//! - **Few rows** (a short request: one sentence is ~10 rows): `few_rows_product`, a register
+//!   tile over each panel that streams the weights once, with the next block prefetched while
+//!   the current one is computed. Such a product is bound by reading the weights from memory
+//!   (they do not fit the cache), and gemm's tiling for large products left it waiting.
+//! - **Many rows**: gemm, panel by panel, over chunks of rows that stay in L2.
+//!
+//! The weights are kept as f32, or as f16 with `model.precision = "f16"`: half the bytes to
+//! read per token, widened to f32 a block at a time in L1, so every product still computes in
+//! f32.
+
+use super::kernels::{matmul, MatRef};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+/// How the weights of the encoder's linear layers are kept in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// As the checkpoint has them: the vectors are sentence-transformers' own.
+    #[default]
+    F32,
+    /// Rounded to IEEE half precision (to nearest); computed in f32.
+    F16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+/// Outputs per panel: one 128-byte row per input (two cache lines, read in order); wide enough
+/// for gemm's widest micro-kernel (16 columns with AVX2, 32 with AVX-512) to run full.
+const PANEL: usize = 32;
+
+/// Up to this many input rows a product runs `few_rows_product`, above it gemm. Measured
+/// end to end (`POST /embed`, one worker, one thread, short titles): at 4 and 8 sentences
+/// (~40 and ~80 rows) the few-rows kernel took 0.80× and 0.93× gemm's time; at 16 sentences
+/// (~160 rows) gemm was as fast or faster.
+const FEW_ROWS_MAX: usize = 128;
+
+/// A weight matrix packed once at load into panels of `PANEL` outputs: panel `p` holds
+/// outputs `p·PANEL..` as a row-major `[in, PANEL]` block (the last one narrower), so the
+/// matrix is read as one sequential stream, panel after panel.
+///
+/// Why: read in PyTorch's `[out, in]` layout, gemm repacked every weight on every call (85 %
+/// of a one-sentence request's time, measured by perf); read from a row-major `[in, out]`
+/// copy, each step jumped a whole row ahead.
+pub struct Linear {
+    packed: Packed,
+    bias: Vec<f32>,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+enum Packed {
+    F32(Vec<f32>),
+    /// IEEE half-precision bit patterns, all finite (`Linear::in_precision` checks).
+    F16(Vec<u16>),
+}
+
+/// The packed weights from some point on.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl<'a> Weights<'a> {
+    fn from(self, at: usize) -> Weights<'a> {
+        match self {
+            Weights::F32(w) => Weights::F32(&w[at..]),
+            Weights::F16(w) => Weights::F16(&w[at..]),
+        }
+    }
+
+    /// Values `at..at + len` as f32: borrowed, or widened into `scratch`. Inlined so that
+    /// the widening compiles with the vector width of the kernel that calls it.
+    #[inline(always)]
+    fn f32s<'s>(self, at: usize, len: usize, scratch: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match self {
+            Weights::F32(w) => &w[at..at + len],
+            Weights::F16(w) => {
+                scratch.resize(len, 0.0);
+                widen(&w[at..at + len], scratch);
+                &scratch[..len]
+            }
+        }
+    }
+
+    /// Asks for the weights of step `step` (a `PANEL`-wide row) to be brought into cache.
+    #[inline(always)]
+    fn prefetch_step(self, step: usize) {
+        match self {
+            Weights::F32(w) => {
+                prefetch(w, step * PANEL);
+                prefetch(w, step * PANEL + PANEL / 2);
+            }
+            // 32 halves are one 64-byte line.
+            Weights::F16(w) => prefetch(w, step * PANEL),
+        }
+    }
+}
+
+impl Linear {
+    /// From PyTorch's `[out, in]` weights and `[out]` bias.
+    pub fn from_torch(w: &[f32], bias: Vec<f32>, inputs: usize, outputs: usize) -> Linear {
+        debug_assert_eq!(w.len(), inputs * outputs);
+        Self::from_torch_parts(&[(w, &bias)], inputs)
+    }
+
+    /// Several `[out_i, in]` matrices side by side along the outputs (Q, K and V as one
+    /// product), packed in one go.
+    pub fn from_torch_parts(parts: &[(&[f32], &[f32])], inputs: usize) -> Linear {
+        let bias: Vec<f32> = parts.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        let outputs = bias.len();
+        // Output j's weights, wherever its part keeps them.
+        let row = |j: usize| -> &[f32] {
+            let mut j = j;
+            for (w, b) in parts {
+                if j < b.len() {
+                    return &w[j * inputs..(j + 1) * inputs];
+                }
+                j -= b.len();
+            }
+            unreachable!("output index within the sum of the parts")
+        };
+        let mut packed = vec![0f32; inputs * outputs];
+        for first in (0..outputs).step_by(PANEL) {
+            let width = PANEL.min(outputs - first);
+            let panel = &mut packed[first * inputs..(first + width) * inputs];
+            for c in 0..width {
+                for (i, &v) in row(first + c).iter().enumerate() {
+                    panel[i * width + c] = v;
+                }
+            }
+        }
+        Linear {
+            packed: Packed::F32(packed),
+            bias,
+            inputs,
+            outputs,
+        }
+    }
+
+    /// The same layer with its weights kept in `precision` (the bias stays f32). Refuses a
+    /// weight that half precision cannot hold (beyond ±65504) rather than serve infinities.
+    pub fn in_precision(self, precision: Precision) -> Result<Linear, String> {
+        let packed = match (precision, self.packed) {
+            (Precision::F16, Packed::F32(w)) => {
+                let mut bits = Vec::with_capacity(w.len());
+                for v in w {
+                    let h = half::f16::from_f32(v);
+                    if !h.is_finite() {
+                        return Err(format!(
+                            "a weight of {v} is beyond half precision's range (±65504)"
+                        ));
+                    }
+                    bits.push(h.to_bits());
+                }
+                Packed::F16(bits)
+            }
+            (Precision::F32, Packed::F16(_)) => {
+                return Err("weights already rounded to f16 cannot be widened back".into())
+            }
+            (_, packed) => packed,
+        };
+        Ok(Linear { packed, ..self })
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.packed {
+            Packed::F32(w) => w.len() * 4,
+            Packed::F16(w) => w.len() * 2,
+        }
+    }
+
+    fn weights(&self) -> Weights<'_> {
+        match &self.packed {
+            Packed::F32(w) => Weights::F32(w),
+            Packed::F16(w) => Weights::F16(w),
+        }
+    }
+
+    /// `out[rows, outputs] = x[rows, inputs] · Wᵀ + b`.
+    ///
+    /// With several threads, each takes a contiguous share of the panels (half the weights
+    /// to stream each, which is what a short request waits on) into a buffer of its own,
+    /// copied into place after: gemm's own threading would split each narrow panel's product.
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32], threads: usize) {
+        let n = self.outputs;
+        let x = &x[..rows * self.inputs];
+        let out = &mut out[..rows * n];
+        let panels = n.div_ceil(PANEL);
+        if threads <= 1 || panels < 2 {
+            self.panels_into(x, rows, 0, n, out, n);
+            return;
+        }
+        let per_thread = panels.div_ceil(threads.min(panels)) * PANEL;
+        let firsts: Vec<usize> = (0..n).step_by(per_thread).collect();
+        let shares: Vec<(usize, usize, Vec<f32>)> = firsts
+            .into_par_iter()
+            .map(|first| {
+                let width = per_thread.min(n - first);
+                let mut part = vec![0f32; rows * width];
+                self.panels_into(x, rows, first, first + width, &mut part, width);
+                (first, width, part)
+            })
+            .collect();
+        for (first, width, part) in shares {
+            for (r, src) in part.chunks_exact(width).enumerate() {
+                out[r * n + first..r * n + first + width].copy_from_slice(src);
+            }
+        }
+    }
+
+    /// Outputs `from..to` (on panel boundaries) into `dst`, whose rows are `dst_stride` apart
+    /// and start at output `from`.
+    fn panels_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        from: usize,
+        to: usize,
+        dst: &mut [f32],
+        dst_stride: usize,
+    ) {
+        for r in 0..rows {
+            dst[r * dst_stride..r * dst_stride + (to - from)].copy_from_slice(&self.bias[from..to]);
+        }
+        let route = match rows <= FEW_ROWS_MAX && fma_available() {
+            true => Route::FewRows,
+            false => Route::Gemm {
+                chunk: chunk_rows(self.inputs),
+            },
+        };
+        self.panels_by(x, rows, from, to, dst, dst_stride, route);
+    }
+
+    /// The product of the panels `from..to` by the given route.
+    #[allow(clippy::too_many_arguments)]
+    fn panels_by(
+        &self,
+        x: &[f32],
+        rows: usize,
+        from: usize,
+        to: usize,
+        dst: &mut [f32],
+        dst_stride: usize,
+        route: Route,
+    ) {
+        let k = self.inputs;
+        let weights = self.weights();
+        let mut scratch = Vec::new();
+        match route {
+            Route::FewRows => {
+                for first in (from..to).step_by(PANEL) {
+                    let width = PANEL.min(self.outputs - first);
+                    let panel = Panel {
+                        weights: weights.from(first * k),
+                        k,
+                        width,
+                    };
+                    let dst = &mut dst[first - from..];
+                    few_rows_product(x, rows, panel, dst, dst_stride, &mut scratch);
+                }
+            }
+            // Each chunk of rows stays in L2 while every panel passes over it (a panel call
+            // over all rows re-read the whole input from memory for each 32 outputs).
+            Route::Gemm { chunk } => {
+                for r0 in (0..rows).step_by(chunk) {
+                    let chunk_rows = chunk.min(rows - r0);
+                    let lhs = MatRef::new(&x[r0 * k..], chunk_rows, k, k, 1);
+                    let dst = &mut dst[r0 * dst_stride..];
+                    for first in (from..to).step_by(PANEL) {
+                        let width = PANEL.min(self.outputs - first);
+                        let panel = weights.f32s(first * k, k * width, &mut scratch);
+                        let rhs = MatRef::new(panel, k, width, width, 1);
+                        let dst = &mut dst[first - from..];
+                        matmul(dst, dst_stride, 1, true, lhs, rhs, 1.0, 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Route {
+    FewRows,
+    Gemm { chunk: usize },
+}
+
+/// Input rows per chunk of a gemm product: about 768 KiB of activations (most of a 1 MiB
+/// L2), and never fewer than 128 rows. Measured by `chunked_product_speed`: at 3,000 rows
+/// chunks run 1.7–1.8× as fast as one call over all rows; up to 512 rows the two are within
+/// the noise.
+fn chunk_rows(inputs: usize) -> usize {
+    (196_608 / inputs.max(1)).max(128)
+}
+
+/// The few-rows kernel needs fused multiply-add: without it (a pre-2013 x86 CPU), gemm runs
+/// every product.
+fn fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One packed `[k, width]` panel; `weights` runs on past it to the end of the matrix, so that
+/// the next panel can be prefetched.
+#[derive(Clone, Copy)]
+struct Panel<'a> {
+    weights: Weights<'a>,
+    k: usize,
+    width: usize,
+}
+
+/// Steps of `k` per block: 128 rows of a panel are 16 KiB in f32, which stay in L1 (32 KiB)
+/// while every group of rows passes over them, and the block after is prefetched meanwhile.
+const K_BLOCK: usize = 128;
+
+/// `dst[r][0..width] += Σ_i x[r][i] · panel[i][0..width]` for every row `r` of `x`
+/// (`rows × k`, contiguous).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn few_rows_product(
+    x: &[f32],
+    rows: usize,
+    panel: Panel,
+    dst: &mut [f32],
+    dst_stride: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let k = panel.k;
+    if panel.width != PANEL {
+        // The narrow last panel of a matrix whose outputs are not a multiple of PANEL.
+        let width = panel.width;
+        let w = panel.weights.f32s(0, k * width, scratch);
+        for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            let out = &mut dst[r * dst_stride..r * dst_stride + width];
+            for (a, w) in xr.iter().zip(w.chunks_exact(width)) {
+                for (o, w) in out.iter_mut().zip(w) {
+                    *o = a.mul_add(*w, *o);
+                }
+            }
+        }
+        return;
+    }
+    let groups = rows.div_ceil(3);
+    for k0 in (0..k).step_by(K_BLOCK) {
+        let steps = K_BLOCK.min(k - k0);
+        let block = Block {
+            values: panel.weights.f32s(k0 * PANEL, steps * PANEL, scratch),
+            ahead: panel.weights.from(k0 * PANEL),
+            k0,
+            k,
+        };
+        let mut r = 0;
+        while rows - r >= 3 {
+            block.tile::<3>(
+                &x[r * k..],
+                &mut dst[r * dst_stride..],
+                dst_stride,
+                r / 3,
+                groups,
+            );
+            r += 3;
+        }
+        if rows > r {
+            let (x, dst) = (&x[r * k..], &mut dst[r * dst_stride..]);
+            match rows - r {
+                2 => block.tile::<2>(x, dst, dst_stride, r / 3, groups),
+                _ => block.tile::<1>(x, dst, dst_stride, r / 3, groups),
+            }
+        }
+    }
+}
+
+/// Steps `k0..k0 + values.len() / PANEL` of a panel, as f32.
+struct Block<'a> {
+    values: &'a [f32],
+    /// The packed weights from this block's first step on, for prefetching.
+    ahead: Weights<'a>,
+    k0: usize,
+    k: usize,
+}
+
+impl Block<'_> {
+    /// `R` rows of `x` (row stride `k`) against the block: `R × PANEL` accumulators in
+    /// registers, one `PANEL`-wide row of weights per step.
+    ///
+    /// While computing, group `group` of `groups` prefetches every `groups`-th step of the
+    /// next block (or of the next panel): memory streams the whole time the other groups
+    /// compute from L1, instead of only during the first group's pass (measured: without the
+    /// prefetch a one-sentence request took 1.07–1.18× as long).
+    #[inline(always)]
+    fn tile<const R: usize>(
+        &self,
+        x: &[f32],
+        dst: &mut [f32],
+        dst_stride: usize,
+        group: usize,
+        groups: usize,
+    ) {
+        let steps = self.values.len() / PANEL;
+        let rows: [&[f32]; R] =
+            std::array::from_fn(|r| &x[r * self.k + self.k0..r * self.k + self.k0 + steps]);
+        let mut acc = [[0f32; PANEL]; R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            a.copy_from_slice(&dst[r * dst_stride..r * dst_stride + PANEL]);
+        }
+        // Steps until this group's next prefetch: one step in `groups`, staggered.
+        let mut wait = group;
+        for (i, w) in self.values.chunks_exact(PANEL).enumerate() {
+            if wait == 0 {
+                self.ahead.prefetch_step(i + K_BLOCK);
+                wait = groups;
+            }
+            wait -= 1;
+            let a: [f32; R] = std::array::from_fn(|r| rows[r][i]);
+            for c in 0..PANEL {
+                for r in 0..R {
+                    acc[r][c] = a[r].mul_add(w[c], acc[r][c]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            dst[r * dst_stride..r * dst_stride + PANEL].copy_from_slice(a);
+        }
+    }
+}
+
+/// Half-precision bit patterns to f32, exactly, in plain arithmetic that vectorises: the
+/// exponent and mantissa bits move to f32's places and the value is scaled by 2^(127 − 15),
+/// which also normalises subnormal halves. Infinities and NaN never reach here
+/// (`Linear::in_precision` refuses them).
+#[inline(always)]
+fn widen(src: &[u16], dst: &mut [f32]) {
+    let scale = f32::from_bits((127 + 112) << 23); // 2^112
+    for (d, &h) in dst.iter_mut().zip(src) {
+        let magnitude = f32::from_bits(((h & 0x7fff) as u32) << 13) * scale;
+        *d = f32::from_bits(magnitude.to_bits() | (((h & 0x8000) as u32) << 16));
+    }
+}
+
+/// Asks the CPU to bring the cache line holding `data[at]` into L1, if `at` is in bounds.
+#[inline(always)]
+fn prefetch<T>(data: &[T], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = data.get(at) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: the instruction is SSE, which every x86_64 CPU has; a prefetch is a hint
+        // that changes nothing the program can observe and never faults (and the address is
+        // in bounds anyway).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((v as *const T).cast()) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `x · Wᵀ + b` by the definition, in f64, from PyTorch's `[out, in]` layout.
+    fn linear_by_definition(
+        w: &[f32],
+        bias: &[f32],
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                    .sum();
+                out[r * n + j] = (dot + bias[j] as f64) as f32;
+            }
+        }
+        out
+    }
+
+    /// Every route this CPU can run, so that both kernels are tested whatever the row count.
+    fn routes(k: usize) -> Vec<Route> {
+        let mut routes = vec![Route::Gemm {
+            chunk: chunk_rows(k),
+        }];
+        if fma_available() {
+            routes.push(Route::FewRows);
+        }
+        routes
+    }
+
+    fn run(linear: &Linear, x: &[f32], rows: usize, route: Route) -> Vec<f32> {
+        let n = linear.outputs;
+        let mut got = vec![f32::NAN; rows * n];
+        for r in 0..rows {
+            got[r * n..(r + 1) * n].copy_from_slice(&linear.bias);
+        }
+        linear.panels_by(x, rows, 0, n, &mut got, n, route);
+        got
+    }
+
+    /// The packed product against the definition, by both routes, in both precisions: row
+    /// counts around the tiles' heights, widths that are and are not multiples of the panel
+    /// width, inputs longer than a block; and `forward` with one and two threads. In f16 the
+    /// definition is computed from the rounded weights: only the storage differs.
+    #[test]
+    fn packed_products_equal_the_definition() {
+        for (k, n) in [(32, 96), (40, 37), (24, 300), (384, 1152), (300, 64)] {
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 997.0)
+                .collect();
+            let bias: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+            for precision in [Precision::F32, Precision::F16] {
+                let stored: Vec<f32> = match precision {
+                    Precision::F32 => w.clone(),
+                    Precision::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+                };
+                let linear = Linear::from_torch(&w, bias.clone(), k, n)
+                    .in_precision(precision)
+                    .unwrap();
+                for rows in [1, 2, 3, 4, 5, 7, 8, 9, 13, 17, 40] {
+                    let x: Vec<f32> = (0..rows * k)
+                        .map(|i| ((i * 104_729 % 613) as f32 - 300.0) / 611.0)
+                        .collect();
+                    let expected = linear_by_definition(&stored, &bias, &x, rows, k, n);
+                    let check = |got: &[f32], how: &str| {
+                        for (a, b) in got.iter().zip(&expected) {
+                            assert!(
+                                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                "{precision:?} k {k} n {n} rows {rows} {how}: {a} vs {b}"
+                            );
+                        }
+                    };
+                    for route in routes(k) {
+                        let how = match route {
+                            Route::FewRows => "few rows",
+                            Route::Gemm { .. } => "gemm",
+                        };
+                        check(&run(&linear, &x, rows, route), how);
+                    }
+                    for threads in [1, 2] {
+                        let mut got = vec![f32::NAN; rows * n];
+                        linear.forward(&x, rows, &mut got, threads);
+                        check(&got, "forward");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's result does not depend on the other rows it is computed with (a sentence's
+    /// vector must not depend on which requests shared its pass): each row alone against the
+    /// same row inside 1 to 40 rows, by the route each count takes.
+    #[test]
+    fn a_row_does_not_depend_on_its_neighbours() {
+        let (k, n) = (384, 96);
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0)
+            .collect();
+        let linear = Linear::from_torch(&w, vec![0.25; n], k, n);
+        let x: Vec<f32> = (0..200 * k)
+            .map(|i| ((i * 13 % 101) as f32 - 50.0) / 51.0)
+            .collect();
+        let mut alone = vec![0f32; n];
+        linear.forward(&x[..k], 1, &mut alone, 1);
+        for rows in [2, 3, 4, 9, 40, 127, 128, 129, 200] {
+            let mut together = vec![0f32; rows * n];
+            linear.forward(&x, rows, &mut together, 1);
+            let worst = alone
+                .iter()
+                .zip(&together[..n])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "rows {rows}: row 0 moved by {worst}");
+        }
+    }
+
+    /// Every finite half-precision value widens exactly (the `half` crate's conversion is
+    /// the reference), subnormals and both zeros included.
+    #[test]
+    fn halves_widen_exactly() {
+        let bits: Vec<u16> = (0..=u16::MAX)
+            .filter(|&b| half::f16::from_bits(b).is_finite())
+            .collect();
+        let mut wide = vec![0f32; bits.len()];
+        widen(&bits, &mut wide);
+        for (&b, &got) in bits.iter().zip(&wide) {
+            let want = half::f16::from_bits(b).to_f32();
+            assert_eq!(got.to_bits(), want.to_bits(), "half {b:#06x}");
+        }
+        assert_eq!(bits.len(), 63_488); // 65,536 minus 2 infinities and 2,046 NaNs
+    }
+
+    #[test]
+    fn weights_beyond_half_range_are_refused() {
+        let err = Linear::from_torch(&[1.0, 7e4], vec![0.0], 2, 1)
+            .in_precision(Precision::F16)
+            .err()
+            .unwrap();
+        assert!(err.contains("70000") && err.contains("65504"), "{err}");
+        let l = Linear::from_torch(&[1.0, 6e4], vec![0.0], 2, 1);
+        assert_eq!(l.weight_bytes(), 8);
+        let l = l.in_precision(Precision::F16).unwrap();
+        assert_eq!(l.weight_bytes(), 4);
+    }
+
+    #[test]
+    fn parts_pack_side_by_side() {
+        // PyTorch [out=3, in=2] and [out=1, in=2]: y = x·Wᵀ + b.
+        let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let l = Linear::from_torch(&w, vec![0.5, 0.0, -0.5], 2, 3);
+        let mut out = [0.0; 3];
+        l.forward(&[1.0, 1.0], 1, &mut out, 1);
+        assert_eq!(out, [3.5, 7.0, 10.5]);
+        let wide = Linear::from_torch_parts(&[(&w, &[0.5, 0.0, -0.5]), (&[1.0, 0.0], &[0.0])], 2);
+        let mut out = [0.0; 4];
+        wide.forward(&[1.0, 1.0], 1, &mut out, 1);
+        assert_eq!(out, [3.5, 7.0, 10.5, 1.0]);
+    }
+
+    /// Median microseconds of `f` over `runs` calls.
+    fn median_us(runs: usize, mut f: impl FnMut()) -> f64 {
+        let mut times: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[runs / 2]
+    }
+
+    /// Large products, alternating chunked and unchunked input (the activations of a large
+    /// batch do not fit L2): `cargo test --release -p forkserve-worker chunked_product_speed --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn chunked_product_speed() {
+        for (k, n) in [(384, 1152), (1536, 384)] {
+            let w: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 / 13.0).collect();
+            let l = Linear::from_torch(&w, vec![0.0; n], k, n);
+            for rows in [128, 512, 3000] {
+                let x: Vec<f32> = (0..rows * k).map(|i| (i % 7) as f32 / 7.0).collect();
+                let mut out = vec![0f32; rows * n];
+                let mut time = |chunk| {
+                    median_us(7, || {
+                        l.panels_by(&x, rows, 0, n, &mut out, n, Route::Gemm { chunk })
+                    })
+                };
+                let (chunked, whole) = (time(chunk_rows(k)), time(usize::MAX));
+                let gflops = |us: f64| 2.0 * (rows * k * n) as f64 / us / 1e3;
+                eprintln!(
+                    "{k}x{n}, rows {rows:5}: chunks of {}: {chunked:8.0} us ({:5.1} GFLOP/s), whole: {whole:8.0} us ({:5.1})",
+                    chunk_rows(k),
+                    gflops(chunked),
+                    gflops(whole)
+                );
+            }
+        }
+    }
+
+    /// The routes and precisions side by side, as in a forward pass where the weights are out
+    /// of cache (40 matrices of 1.7 MB in f32 cycled, more than the caches; medians of 9
+    /// rounds, the four variants interleaved within each round): `cargo test --release -p
+    /// forkserve-worker packed_product_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn packed_product_speed() {
+        let (k, n, mats) = (384, 1152, 40);
+        let layers = |precision| -> Vec<Linear> {
+            (0..mats)
+                .map(|m| {
+                    let w: Vec<f32> = (0..k * n).map(|i| ((i + m) % 13) as f32 / 13.0).collect();
+                    Linear::from_torch(&w, vec![0.0; n], k, n)
+                        .in_precision(precision)
+                        .unwrap()
+                })
+                .collect()
+        };
+        let (f32s, f16s) = (layers(Precision::F32), layers(Precision::F16));
+        for rows in [1, 2, 4, 9, 16, 32, 64, 128, 256] {
+            let x: Vec<f32> = (0..rows * k).map(|i| (i % 7) as f32 / 7.0).collect();
+            let mut out = vec![0f32; rows * n];
+            let variants = [
+                (
+                    "gemm f32",
+                    &f32s,
+                    Route::Gemm {
+                        chunk: chunk_rows(k),
+                    },
+                ),
+                ("few-rows f32", &f32s, Route::FewRows),
+                (
+                    "gemm f16",
+                    &f16s,
+                    Route::Gemm {
+                        chunk: chunk_rows(k),
+                    },
+                ),
+                ("few-rows f16", &f16s, Route::FewRows),
+            ];
+            let mut times = vec![Vec::new(); variants.len()];
+            for _ in 0..9 {
+                for (v, (_, linears, route)) in variants.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    for l in linears.iter() {
+                        l.panels_by(&x, rows, 0, n, &mut out, n, *route);
+                    }
+                    times[v].push(t.elapsed().as_secs_f64() / mats as f64 * 1e6);
+                }
+            }
+            let line: Vec<String> = variants
+                .iter()
+                .zip(&mut times)
+                .map(|((name, _, _), t)| {
+                    t.sort_by(f64::total_cmp);
+                    let us = t[t.len() / 2];
+                    format!(
+                        "{name} {us:6.1} us ({:4.1} GFLOP/s)",
+                        2.0 * (rows * k * n) as f64 / us / 1e3
+                    )
+                })
+                .collect();
+            eprintln!("rows {rows:3}: {}", line.join(", "));
+        }
+    }
+}
