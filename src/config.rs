@@ -1103,7 +1103,10 @@ mod tests {
             ("[log]\nformat = \"xml\"", "log.format"),
             ("umask = \"0o999\"", "umask"),
             ("[model]\nprecision = \"bf16\"", "model.precision"),
-            ("[model]\nprecision = \"f16\"\nbackend = \"candle\"", "model.precision"),
+            (
+                "[model]\nprecision = \"f16\"\nbackend = \"candle\"",
+                "model.precision",
+            ),
         ] {
             let e = from_str(text).unwrap_err();
             assert_eq!(e.key, key, "{text}: {e}");
