@@ -14,7 +14,7 @@
 //! than piling up latency without limit.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
@@ -127,6 +127,7 @@ impl Compute {
             metrics,
             max_batch_tokens: max_batch_tokens.max(1),
             stall,
+            deferred: AtomicBool::new(false),
         };
         std::thread::Builder::new()
             .name("compute".into())
@@ -268,6 +269,9 @@ struct Runner {
     /// Testing only (`testing.compute_stall`): every forward pass first hangs this long
     /// without progress, as a computation stuck in a kernel would.
     stall: std::time::Duration,
+    /// Whether the last pass left a long job's sentences for later (see
+    /// `leave_long_job_for_next_pass`): the next pass takes them, whatever else waits.
+    deferred: AtomicBool,
 }
 
 impl Runner {
@@ -323,6 +327,36 @@ impl Runner {
         outcome.ok()
     }
 
+    /// Requests that finish in this pass go without the long job that filled the rest of it:
+    /// only the last task picked can be left unfinished (the fill stops inside it), and when
+    /// its sentences are most of the pass while others finish, they wait for the next pass.
+    /// A one-sentence request sent during a large job then waits for the pass under way and
+    /// one short pass of its own, not a full pass of the job's sentences besides. Never twice
+    /// in a row (the caller's rule), so a stream of small requests cannot starve the job: it
+    /// gets at least every other pass. True when it left them.
+    fn leave_long_job_for_next_pass(
+        tasks: &mut [EmbedTask],
+        picked: &mut Vec<(usize, usize)>,
+    ) -> bool {
+        let Some(&(last, _)) = picked.last() else {
+            return false;
+        };
+        if tasks[last].finished() {
+            return false;
+        }
+        let tokens = |pairs: &[(usize, usize)]| -> usize {
+            pairs.iter().map(|&(t, i)| tasks[t].tokens[i].len()).sum()
+        };
+        let split = picked.iter().position(|&(t, _)| t == last).unwrap_or(0);
+        let (others, long) = picked.split_at(split);
+        if others.is_empty() || tokens(long) * 2 <= tokens(others) + tokens(long) {
+            return false;
+        }
+        tasks[last].next -= long.len();
+        picked.truncate(split);
+        true
+    }
+
     /// One forward pass over sentences of several requests, fewest tokens left first.
     fn pass(&self, tasks: &mut Vec<EmbedTask>) {
         tasks.sort_by_key(EmbedTask::remaining_tokens);
@@ -343,6 +377,10 @@ impl Runner {
                 task.next += 1;
             }
         }
+        // Only the compute thread touches it: the atomic is for the Sync the pool needs.
+        let left_last_time = self.deferred.load(Ordering::Relaxed);
+        let deferred = !left_last_time && Self::leave_long_job_for_next_pass(tasks, &mut picked);
+        self.deferred.store(deferred, Ordering::Relaxed);
         let batch: Vec<&Tokens> = picked.iter().map(|&(t, i)| &tasks[t].tokens[i]).collect();
         let result = self.guarded(|| {
             if !self.stall.is_zero() {
@@ -404,5 +442,59 @@ impl Runner {
                 t += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A task of sentences of these token counts, `picked` of them already handed out.
+    fn task(lengths: &[usize], picked: usize) -> EmbedTask {
+        let tokens: Vec<Tokens> = lengths
+            .iter()
+            .map(|&n| Tokens {
+                ids: vec![1; n],
+                untruncated_len: n,
+                prompt_len: 0,
+            })
+            .collect();
+        EmbedTask {
+            vectors: vec![Vec::new(); tokens.len()],
+            order: (0..tokens.len()).collect(),
+            tokens,
+            next: picked,
+            reply: oneshot::channel().0,
+            progress: None,
+        }
+    }
+
+    #[test]
+    fn a_long_job_that_fills_most_of_a_pass_waits_for_the_next() {
+        // A one-sentence request (finished) and 4 of a job's 10 sentences of 100 tokens.
+        let mut tasks = vec![task(&[8], 1), task(&[100; 10], 4)];
+        let mut picked = vec![(0, 0), (1, 0), (1, 1), (1, 2), (1, 3)];
+        assert!(Runner::leave_long_job_for_next_pass(&mut tasks, &mut picked));
+        assert_eq!(picked, vec![(0, 0)]);
+        assert_eq!(tasks[1].next, 0, "the job's sentences go back");
+    }
+
+    #[test]
+    fn a_pass_stays_whole_when_the_job_is_a_small_part_or_alone() {
+        // Many small requests and a little of the job: it stays.
+        let mut tasks = vec![task(&[50, 50], 2), task(&[10; 10], 3)];
+        let mut picked = vec![(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)];
+        assert!(!Runner::leave_long_job_for_next_pass(&mut tasks, &mut picked));
+        assert_eq!(picked.len(), 5);
+        // The job alone.
+        let mut tasks = vec![task(&[100; 10], 4)];
+        let mut picked = vec![(0, 0), (0, 1), (0, 2), (0, 3)];
+        assert!(!Runner::leave_long_job_for_next_pass(&mut tasks, &mut picked));
+        assert_eq!(tasks[0].next, 4);
+        // Everything finishes in this pass.
+        let mut tasks = vec![task(&[8], 1), task(&[100, 100], 2)];
+        let mut picked = vec![(0, 0), (1, 0), (1, 1)];
+        assert!(!Runner::leave_long_job_for_next_pass(&mut tasks, &mut picked));
+        assert_eq!(picked.len(), 3);
     }
 }
