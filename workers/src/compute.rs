@@ -474,7 +474,10 @@ mod tests {
         // A one-sentence request (finished) and 4 of a job's 10 sentences of 100 tokens.
         let mut tasks = vec![task(&[8], 1), task(&[100; 10], 4)];
         let mut picked = vec![(0, 0), (1, 0), (1, 1), (1, 2), (1, 3)];
-        assert!(Runner::leave_long_job_for_next_pass(&mut tasks, &mut picked));
+        assert!(Runner::leave_long_job_for_next_pass(
+            &mut tasks,
+            &mut picked
+        ));
         assert_eq!(picked, vec![(0, 0)]);
         assert_eq!(tasks[1].next, 0, "the job's sentences go back");
     }
@@ -484,17 +487,26 @@ mod tests {
         // Many small requests and a little of the job: it stays.
         let mut tasks = vec![task(&[50, 50], 2), task(&[10; 10], 3)];
         let mut picked = vec![(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)];
-        assert!(!Runner::leave_long_job_for_next_pass(&mut tasks, &mut picked));
+        assert!(!Runner::leave_long_job_for_next_pass(
+            &mut tasks,
+            &mut picked
+        ));
         assert_eq!(picked.len(), 5);
         // The job alone.
         let mut tasks = vec![task(&[100; 10], 4)];
         let mut picked = vec![(0, 0), (0, 1), (0, 2), (0, 3)];
-        assert!(!Runner::leave_long_job_for_next_pass(&mut tasks, &mut picked));
+        assert!(!Runner::leave_long_job_for_next_pass(
+            &mut tasks,
+            &mut picked
+        ));
         assert_eq!(tasks[0].next, 4);
         // Everything finishes in this pass.
         let mut tasks = vec![task(&[8], 1), task(&[100, 100], 2)];
         let mut picked = vec![(0, 0), (1, 0), (1, 1)];
-        assert!(!Runner::leave_long_job_for_next_pass(&mut tasks, &mut picked));
+        assert!(!Runner::leave_long_job_for_next_pass(
+            &mut tasks,
+            &mut picked
+        ));
         assert_eq!(picked.len(), 3);
     }
 }
