@@ -1,7 +1,7 @@
 //! The linear layers of the forward pass: weights packed once at load (in the master, before
 //! fork, so every worker shares them), and the products `x · Wᵀ + b` over them.
 //!
-//! Two ways to run a product, chosen by the number of input rows:
+//! Two ways to run a product, chosen by the size of its input (`FEW_ROWS_INPUTS`):
 //! - **Few rows** (a short request: one sentence is ~10 rows): `few_rows_product`, a register
 //!   tile over each panel that streams the weights once, with the next block prefetched while
 //!   the current one is computed. Such a product is bound by reading the weights from memory
@@ -9,8 +9,8 @@
 //! - **Many rows**: gemm, panel by panel, over chunks of rows that stay in L2.
 //!
 //! The weights are kept as f32, or as f16 with `model.precision = "f16"`: half the bytes to
-//! read per token, widened to f32 a block at a time in L1, so every product still computes in
-//! f32.
+//! read per token, widened to f32 in registers (F16C) or a block at a time, so every product
+//! still computes in f32.
 
 use super::kernels::{matmul, MatRef};
 use rayon::prelude::*;
