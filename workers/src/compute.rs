@@ -14,7 +14,7 @@
 //! than piling up latency without limit.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
@@ -127,7 +127,6 @@ impl Compute {
             metrics,
             max_batch_tokens: max_batch_tokens.max(1),
             stall,
-            deferred: AtomicBool::new(false),
         };
         std::thread::Builder::new()
             .name("compute".into())
@@ -269,9 +268,6 @@ struct Runner {
     /// Testing only (`testing.compute_stall`): every forward pass first hangs this long
     /// without progress, as a computation stuck in a kernel would.
     stall: std::time::Duration,
-    /// Whether the last pass left a long job's sentences for later (see
-    /// `leave_long_job_for_next_pass`): the next pass takes them, whatever else waits.
-    deferred: AtomicBool,
 }
 
 impl Runner {
@@ -280,6 +276,9 @@ impl Runner {
         let mut tasks: Vec<EmbedTask> = Vec::new();
         // The next steps of long jobs, run after the coming pass.
         let mut later: Vec<Job> = Vec::new();
+        // Whether the last pass left a long job's sentences for later (see
+        // `leave_long_job_for_next_pass`): the next pass takes them, whatever else waits.
+        let mut deferred = false;
         loop {
             jobs.extend(later.drain(..));
             // Block only when there is nothing to do; otherwise take whatever has arrived.
@@ -307,7 +306,7 @@ impl Runner {
             // The clients that left take their sentences with them.
             tasks.retain(|t| !t.reply.is_closed());
             if !tasks.is_empty() {
-                self.pass(&mut tasks);
+                self.pass(&mut tasks, &mut deferred);
             }
         }
     }
@@ -358,7 +357,8 @@ impl Runner {
     }
 
     /// One forward pass over sentences of several requests, fewest tokens left first.
-    fn pass(&self, tasks: &mut Vec<EmbedTask>) {
+    /// `deferred` says whether the pass before left a long job for later, and is updated.
+    fn pass(&self, tasks: &mut Vec<EmbedTask>, deferred: &mut bool) {
         tasks.sort_by_key(EmbedTask::remaining_tokens);
         // (task, sentence) pairs of this pass.
         let mut picked: Vec<(usize, usize)> = Vec::new();
@@ -377,10 +377,7 @@ impl Runner {
                 task.next += 1;
             }
         }
-        // Only the compute thread touches it: the atomic is for the Sync the pool needs.
-        let left_last_time = self.deferred.load(Ordering::Relaxed);
-        let deferred = !left_last_time && Self::leave_long_job_for_next_pass(tasks, &mut picked);
-        self.deferred.store(deferred, Ordering::Relaxed);
+        *deferred = !*deferred && Self::leave_long_job_for_next_pass(tasks, &mut picked);
         let batch: Vec<&Tokens> = picked.iter().map(|&(t, i)| &tasks[t].tokens[i]).collect();
         let result = self.guarded(|| {
             if !self.stall.is_zero() {

@@ -27,7 +27,6 @@ use super::{metrics, openapi, pages};
 use crate::compute::Compute;
 use crate::embedder::ModelInfo;
 use crate::lifecycle::Lifecycle;
-use crate::model::Precision;
 use crate::settings::WorkerSettings;
 use crate::shared_metrics::SharedBoard;
 
@@ -378,10 +377,7 @@ impl App {
         let model = &self.model;
         InfoResponse {
             model_id: self.settings.model_name.clone(),
-            model_dtype: match model.precision {
-                Precision::F32 => "float32",
-                Precision::F16 => "float16",
-            },
+            model_dtype: model.precision.dtype(),
             architecture: model.architecture.clone(),
             model_type: model.model_type.clone(),
             pooling: model.pooling.join("+"),

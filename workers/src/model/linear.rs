@@ -13,6 +13,8 @@
 //! still computes in f32.
 
 use super::kernels::{matmul, MatRef};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// How the weights of the encoder's linear layers are kept in memory.
@@ -31,6 +33,14 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::F16 => "f16",
+        }
+    }
+
+    /// The weights' dtype as text-embeddings-inference's `/info` names it (`model_dtype`).
+    pub fn dtype(self) -> &'static str {
+        match self {
+            Precision::F32 => "float32",
+            Precision::F16 => "float16",
         }
     }
 }
@@ -63,35 +73,37 @@ pub struct Linear {
 
 enum Packed {
     F32(Aligned<f32>),
-    /// IEEE half-precision bit patterns, all finite (`Linear::in_precision` checks).
-    F16(Aligned<u16>),
+    /// All finite (`Linear::in_precision` checks).
+    F16(Aligned<f16>),
 }
 
 /// Values that start on a 64-byte boundary (a cache line). malloc gives large blocks 16-byte
 /// alignment, and then every other 32-byte load of the kernel straddles two cache lines.
 struct Aligned<T> {
     buffer: Vec<T>,
+    /// Where the values start in `buffer`: they run to its end.
     start: usize,
-    len: usize,
 }
 
 impl<T: Copy + Default> Aligned<T> {
-    fn from_iter(len: usize, values: impl Iterator<Item = T>) -> Aligned<T> {
+    /// `len` default values, to be filled through `as_mut_slice`.
+    fn new(len: usize) -> Aligned<T> {
         let spare = 64 / std::mem::size_of::<T>();
         let mut buffer = Vec::with_capacity(len + spare);
-        // Pad up to the boundary, then the values: the buffer never grows past its capacity,
-        // so it is never moved, and the offset stays right.
         let misaligned = buffer.as_ptr() as usize % 64 / std::mem::size_of::<T>();
         let start = (spare - misaligned) % spare;
-        buffer.resize(start, T::default());
-        buffer.extend(values.take(len));
-        debug_assert_eq!(buffer.len(), start + len);
+        // Within the capacity: the buffer is never moved, so `start` stays on the boundary.
+        buffer.resize(start + len, T::default());
         debug_assert_eq!(buffer[start..].as_ptr() as usize % 64, 0);
-        Aligned { buffer, start, len }
+        Aligned { buffer, start }
     }
 
     fn as_slice(&self) -> &[T] {
-        &self.buffer[self.start..self.start + self.len]
+        &self.buffer[self.start..]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.buffer[self.start..]
     }
 }
 
@@ -99,7 +111,7 @@ impl<T: Copy + Default> Aligned<T> {
 #[derive(Clone, Copy)]
 enum Weights<'a> {
     F32(&'a [f32]),
-    F16(&'a [u16]),
+    F16(&'a [f16]),
 }
 
 impl<'a> Weights<'a> {
@@ -110,9 +122,8 @@ impl<'a> Weights<'a> {
         }
     }
 
-    /// Values `at..at + len` as f32: borrowed, or widened into `scratch`. Inlined so that
-    /// the widening compiles with the vector width of the kernel that calls it.
-    #[inline(always)]
+    /// Values `at..at + len` as f32: borrowed, or widened into `scratch` (by the `half`
+    /// crate, with F16C where the CPU has it).
     fn f32s<'s>(self, at: usize, len: usize, scratch: &'s mut Vec<f32>) -> &'s [f32]
     where
         'a: 's,
@@ -121,8 +132,8 @@ impl<'a> Weights<'a> {
             Weights::F32(w) => &w[at..at + len],
             Weights::F16(w) => {
                 scratch.resize(len, 0.0);
-                widen(&w[at..at + len], scratch);
-                &scratch[..len]
+                w[at..at + len].convert_to_f32_slice(scratch);
+                scratch
             }
         }
     }
@@ -164,7 +175,8 @@ impl Linear {
             }
             unreachable!("output index within the sum of the parts")
         };
-        let mut packed = vec![0f32; inputs * outputs];
+        let mut aligned = Aligned::new(inputs * outputs);
+        let packed = aligned.as_mut_slice();
         for first in (0..outputs).step_by(PANEL) {
             let width = PANEL.min(outputs - first);
             let panel = &mut packed[first * inputs..(first + width) * inputs];
@@ -175,7 +187,7 @@ impl Linear {
             }
         }
         Linear {
-            packed: Packed::F32(Aligned::from_iter(packed.len(), packed.into_iter())),
+            packed: Packed::F32(aligned),
             bias,
             inputs,
             outputs,
@@ -188,21 +200,18 @@ impl Linear {
         let packed = match (precision, self.packed) {
             (Precision::F16, Packed::F32(w)) => {
                 let w = w.as_slice();
-                let mut bits = Vec::with_capacity(w.len());
-                for &v in w {
-                    let h = half::f16::from_f32(v);
+                let mut halves = Aligned::new(w.len());
+                for (h, &v) in halves.as_mut_slice().iter_mut().zip(w) {
+                    *h = f16::from_f32(v);
                     if !h.is_finite() {
                         return Err(format!(
                             "a weight of {v} is beyond half precision's range (±65504)"
                         ));
                     }
-                    bits.push(h.to_bits());
                 }
-                Packed::F16(Aligned::from_iter(bits.len(), bits.into_iter()))
+                Packed::F16(halves)
             }
-            (Precision::F32, Packed::F16(_)) => {
-                return Err("weights already rounded to f16 cannot be widened back".into())
-            }
+            // Already so (`from_torch` packs f32).
             (_, packed) => packed,
         };
         Ok(Linear { packed, ..self })
@@ -211,8 +220,8 @@ impl Linear {
     /// Bytes the weights take in memory.
     pub fn weight_bytes(&self) -> usize {
         match &self.packed {
-            Packed::F32(w) => w.len * 4,
-            Packed::F16(w) => w.len * 2,
+            Packed::F32(w) => std::mem::size_of_val(w.as_slice()),
+            Packed::F16(w) => std::mem::size_of_val(w.as_slice()),
         }
     }
 
@@ -221,6 +230,13 @@ impl Linear {
             Packed::F32(w) => Weights::F32(w.as_slice()),
             Packed::F16(w) => Weights::F16(w.as_slice()),
         }
+    }
+
+    /// The panels from output `from` to `to` (on panel boundaries): (first output, width).
+    fn panel_spans(&self, from: usize, to: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (from..to)
+            .step_by(PANEL)
+            .map(|first| (first, PANEL.min(self.outputs - first)))
     }
 
     /// `out[rows, outputs] = x[rows, inputs] · Wᵀ + b`.
@@ -295,8 +311,7 @@ impl Linear {
         let mut scratch = Vec::new();
         match route {
             Route::FewRows => {
-                for first in (from..to).step_by(PANEL) {
-                    let width = PANEL.min(self.outputs - first);
+                for (first, width) in self.panel_spans(from, to) {
                     let panel = Panel {
                         weights: weights.from(first * k),
                         k,
@@ -313,8 +328,7 @@ impl Linear {
                     let chunk_rows = chunk.min(rows - r0);
                     let lhs = MatRef::new(&x[r0 * k..], chunk_rows, k, k, 1);
                     let dst = &mut dst[r0 * dst_stride..];
-                    for first in (from..to).step_by(PANEL) {
-                        let width = PANEL.min(self.outputs - first);
+                    for (first, width) in self.panel_spans(from, to) {
                         let panel = weights.f32s(first * k, k * width, &mut scratch);
                         let rhs = MatRef::new(panel, k, width, width, 1);
                         let dst = &mut dst[first - from..];
@@ -396,6 +410,7 @@ fn few_rows_product(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Panel, Weights, K_BLOCK, PANEL};
+    use half::f16;
     use std::arch::x86_64::{
         __m128i, __m256, _mm256_cvtph_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps,
     };
@@ -440,10 +455,10 @@ mod avx2 {
             lanes.copy_from_slice(&w[j * 8..j * 8 + 8]);
             bytemuck::cast::<[f32; 8], __m256>(lanes)
         };
-        let f16_vector = |w: &[u16], j: usize| {
-            let mut lanes = [0u16; 8];
+        let f16_vector = |w: &[f16], j: usize| {
+            let mut lanes = [f16::ZERO; 8];
             lanes.copy_from_slice(&w[j * 8..j * 8 + 8]);
-            _mm256_cvtph_ps(bytemuck::cast::<[u16; 8], __m128i>(lanes))
+            _mm256_cvtph_ps(bytemuck::cast::<[f16; 8], __m128i>(lanes))
         };
         for k0 in (0..k).step_by(K_BLOCK) {
             let steps = K_BLOCK.min(k - k0);
@@ -456,9 +471,13 @@ mod avx2 {
                 // once into `scratch` instead (measured by `packed_product_speed`: at 16 and
                 // 32 rows, widening per group took 1.2x and 1.8x the time of f32 weights).
                 Weights::F16(w) if rows <= 9 => groups.run(&w[at..at + len], k0, ahead, f16_vector),
-                Weights::F16(_) => {
-                    let block = panel.weights.f32s(at, len, scratch);
-                    groups.run(block, k0, ahead, f32_vector)
+                Weights::F16(w) => {
+                    scratch.resize(len, 0.0);
+                    for (j, lanes) in scratch.chunks_exact_mut(8).enumerate() {
+                        let wide: [f32; 8] = bytemuck::cast(f16_vector(&w[at..at + len], j));
+                        lanes.copy_from_slice(&wide);
+                    }
+                    groups.run(scratch, k0, ahead, f32_vector)
                 }
             }
         }
@@ -522,8 +541,9 @@ mod avx2 {
         ///
         /// While computing, group `group` of `groups` prefetches every `groups`-th step of the
         /// next block (or of the next panel): memory streams the whole time the other groups
-        /// compute from L1, instead of only during the first group's pass (measured: without
-        /// the prefetch a one-sentence request took 1.07–1.18× as long).
+        /// compute from L1, instead of only during the first group's pass (measured end to
+        /// end: without the prefetch, one- and two-sentence requests took 1.07× and 1.18× as
+        /// long).
         // Index loops on purpose: weight vector outside, rows inside, is the order that keeps
         // the accumulators in registers (see below).
         #[allow(clippy::needless_range_loop)]
@@ -572,19 +592,6 @@ mod avx2 {
                 dst[r * dst_stride..r * dst_stride + PANEL].copy_from_slice(&row);
             }
         }
-    }
-}
-
-/// Half-precision bit patterns to f32, exactly, in plain arithmetic that vectorises: the
-/// exponent and mantissa bits move to f32's places and the value is scaled by 2^(127 − 15),
-/// which also normalises subnormal halves. Infinities and NaN never reach here
-/// (`Linear::in_precision` refuses them).
-#[inline(always)]
-fn widen(src: &[u16], dst: &mut [f32]) {
-    let scale = f32::from_bits((127 + 112) << 23); // 2^112
-    for (d, &h) in dst.iter_mut().zip(src) {
-        let magnitude = f32::from_bits(((h & 0x7fff) as u32) << 13) * scale;
-        *d = f32::from_bits(magnitude.to_bits() | (((h & 0x8000) as u32) << 16));
     }
 }
 
@@ -666,7 +673,7 @@ mod tests {
             for precision in [Precision::F32, Precision::F16] {
                 let stored: Vec<f32> = match precision {
                     Precision::F32 => w.clone(),
-                    Precision::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+                    Precision::F16 => w.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
                 };
                 let linear = Linear::from_torch(&w, bias.clone(), k, n)
                     .in_precision(precision)
@@ -703,7 +710,8 @@ mod tests {
 
     /// A row's result does not depend on the other rows it is computed with (a sentence's
     /// vector must not depend on which requests shared its pass): each row alone against the
-    /// same row inside 1 to 40 rows, by the route each count takes.
+    /// same row inside 2 to 200 rows, by the route each count takes (both sides of
+    /// `FEW_ROWS_INPUTS`).
     #[test]
     fn a_row_does_not_depend_on_its_neighbours() {
         let (k, n) = (384, 96);
@@ -726,22 +734,6 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst <= 1e-5, "rows {rows}: row 0 moved by {worst}");
         }
-    }
-
-    /// Every finite half-precision value widens exactly (the `half` crate's conversion is
-    /// the reference), subnormals and both zeros included.
-    #[test]
-    fn halves_widen_exactly() {
-        let bits: Vec<u16> = (0..=u16::MAX)
-            .filter(|&b| half::f16::from_bits(b).is_finite())
-            .collect();
-        let mut wide = vec![0f32; bits.len()];
-        widen(&bits, &mut wide);
-        for (&b, &got) in bits.iter().zip(&wide) {
-            let want = half::f16::from_bits(b).to_f32();
-            assert_eq!(got.to_bits(), want.to_bits(), "half {b:#06x}");
-        }
-        assert_eq!(bits.len(), 63_488); // 65,536 minus 2 infinities and 2,046 NaNs
     }
 
     #[test]
@@ -841,22 +833,13 @@ mod tests {
         for rows in [1, 4, 9, 16, 32, 48, 64, 128, 256] {
             let x: Vec<f32> = (0..rows * k).map(|i| (i % 7) as f32 / 7.0).collect();
             let mut out = vec![0f32; rows * n];
+            let gemm = Route::Gemm {
+                chunk: chunk_rows(k),
+            };
             let variants = [
-                (
-                    "gemm f32",
-                    &f32s,
-                    Route::Gemm {
-                        chunk: chunk_rows(k),
-                    },
-                ),
+                ("gemm f32", &f32s, gemm),
                 ("few-rows f32", &f32s, Route::FewRows),
-                (
-                    "gemm f16",
-                    &f16s,
-                    Route::Gemm {
-                        chunk: chunk_rows(k),
-                    },
-                ),
+                ("gemm f16", &f16s, gemm),
                 ("few-rows f16", &f16s, Route::FewRows),
             ];
             let mut times = vec![Vec::new(); variants.len()];
@@ -886,7 +869,7 @@ mod tests {
     }
 
     /// The kernels' compute speed with the weights in L2 (a 384 × 128 matrix, 196 KB, used
-    /// 2,000 times in a row), by route and precision: `cargo test --release -p
+    /// 200 times in a row; median of 9 such runs), by route and precision: `cargo test --release -p
     /// forkserve-worker hot_product_speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
