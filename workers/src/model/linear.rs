@@ -138,16 +138,11 @@ impl<'a> Weights<'a> {
         }
     }
 
-    /// Asks for the weights of step `step` (a `PANEL`-wide row) to be brought into cache.
-    #[inline(always)]
-    fn prefetch_step(self, step: usize) {
+    /// The weights from value `at` on (none if `at` is past the end), as bytes.
+    fn bytes_from(self, at: usize) -> &'a [u8] {
         match self {
-            Weights::F32(w) => {
-                prefetch(w, step * PANEL);
-                prefetch(w, step * PANEL + PANEL / 2);
-            }
-            // 32 halves are one 64-byte line.
-            Weights::F16(w) => prefetch(w, step * PANEL),
+            Weights::F32(w) => bytemuck::cast_slice(w.get(at..).unwrap_or_default()),
+            Weights::F16(w) => bytemuck::cast_slice(w.get(at..).unwrap_or_default()),
         }
     }
 }
@@ -311,6 +306,7 @@ impl Linear {
         let mut scratch = Vec::new();
         match route {
             Route::FewRows => {
+                let grouped = group_inputs(x, rows, k, tile_height(weights, rows));
                 for (first, width) in self.panel_spans(from, to) {
                     let panel = Panel {
                         weights: weights.from(first * k),
@@ -318,7 +314,7 @@ impl Linear {
                         width,
                     };
                     let dst = &mut dst[first - from..];
-                    few_rows_product(x, rows, panel, dst, dst_stride, &mut scratch);
+                    few_rows_product(x, &grouped, rows, panel, dst, dst_stride, &mut scratch);
                 }
             }
             // Each chunk of rows stays in L2 while every panel passes over it (a panel call
@@ -369,6 +365,58 @@ fn few_rows_available() -> bool {
     }
 }
 
+/// Rows per register tile of the few-rows kernel: three (12 accumulators of AVX2's 16
+/// registers, three broadcasts, one weight vector), or two where f16 weights are widened in
+/// registers. Widening holds a second weight vector while the first is used, and with three
+/// rows the compiler spilled an accumulator to the stack: the store-to-load round trip on it
+/// each step cut the speed to a third (`hot_product_speed`).
+fn tile_height(weights: Weights, rows: usize) -> usize {
+    match widened_in_registers(weights, rows) {
+        true => 2,
+        false => 3,
+    }
+}
+
+/// Whether f16 weights are widened in registers as they are used (no copy of the block), or
+/// a block at a time into f32 first. Each group of rows widens them again, so with many
+/// groups a block's single widening costs less. Measured by `packed_product_speed`: in
+/// registers took 0.55-0.65x the time at 9 rows, 0.6-1.0x at 16, and the same within the
+/// noise from 32 rows on.
+fn widened_in_registers(weights: Weights, rows: usize) -> bool {
+    matches!(weights, Weights::F16(_)) && rows <= 16
+}
+
+/// The rows in as few groups of at most `height` as hold them, the sizes as even as can be
+/// (10 rows in threes: 3, 3, 2, 2, not 3, 3, 3, 1): a lone row keeps only four accumulators
+/// busy, and waits on the FMA's latency rather than its throughput (measured end to end, one
+/// sentence of ~10 tokens: 0.92x ORT's time against 0.97x with the lone row, 0.84x against
+/// 0.94x with f16 weights). Yields (first row, rows).
+fn group_spans(rows: usize, height: usize) -> impl Iterator<Item = (usize, usize)> {
+    let groups = rows.div_ceil(height.max(1));
+    let (base, taller) = (rows / groups.max(1), rows % groups.max(1));
+    (0..groups).map(move |g| (g * base + g.min(taller), base + usize::from(g < taller)))
+}
+
+/// The input rows in groups (`group_spans`), each group's rows interleaved step by step: a
+/// group of `h` rows from row `f` on starts where row `f` does, and holds
+/// `[x[f][i], x[f + 1][i], .., x[f + h - 1][i]]` for each step `i`. The kernel then reads one
+/// contiguous stream per group, the same for every panel.
+fn group_inputs(x: &[f32], rows: usize, k: usize, height: usize) -> Vec<f32> {
+    let mut grouped = vec![0f32; rows * k];
+    for (first, height) in group_spans(rows, height) {
+        let group = &mut grouped[first * k..(first + height) * k];
+        for (r, row) in x[first * k..(first + height) * k]
+            .chunks_exact(k)
+            .enumerate()
+        {
+            for (i, &v) in row.iter().enumerate() {
+                group[i * height + r] = v;
+            }
+        }
+    }
+    grouped
+}
+
 /// One packed `[k, width]` panel; `weights` runs on past it to the end of the matrix, so that
 /// the next panel can be prefetched.
 #[derive(Clone, Copy)]
@@ -387,6 +435,7 @@ const K_BLOCK: usize = 128;
 /// them (`few_rows_available`), and this checks again before entering code compiled for them.
 fn few_rows_product(
     x: &[f32],
+    grouped: &[f32],
     rows: usize,
     panel: Panel,
     dst: &mut [f32],
@@ -397,10 +446,10 @@ fn few_rows_product(
     if few_rows_available() {
         // SAFETY: the function is compiled for AVX2, FMA and F16C, and the CPU has them
         // (checked just above); it is otherwise safe code.
-        unsafe { avx2::few_rows_product(x, rows, panel, dst, dst_stride, scratch) };
+        unsafe { avx2::few_rows_product(x, grouped, rows, panel, dst, dst_stride, scratch) };
         return;
     }
-    let _ = (x, rows, panel, dst, dst_stride, scratch);
+    let _ = (x, grouped, rows, panel, dst, dst_stride, scratch);
     unreachable!("the few-rows route is chosen only on a CPU with AVX2, FMA and F16C");
 }
 
@@ -409,7 +458,10 @@ fn few_rows_product(
 /// `hot_product_speed`), as register allocation spilled accumulators or not.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Panel, Weights, K_BLOCK, PANEL};
+    use super::{
+        group_spans, prefetch, tile_height, widened_in_registers, Panel, Weights, K_BLOCK, PANEL,
+    };
+    use bytemuck::cast_slice;
     use half::f16;
     use std::arch::x86_64::{
         __m128i, __m256, _mm256_cvtph_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps,
@@ -421,6 +473,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn few_rows_product(
         x: &[f32],
+        grouped: &[f32],
         rows: usize,
         panel: Panel,
         dst: &mut [f32],
@@ -444,18 +497,19 @@ mod avx2 {
             return;
         }
         let mut groups = Groups {
-            x,
+            grouped,
             rows,
+            height: tile_height(panel.weights, rows),
             k,
             dst,
             dst_stride,
         };
-        let f32_vector = |w: &[f32], j: usize| {
+        let f32_vector = |w: &[f32; PANEL], j: usize| {
             let mut lanes = [0f32; 8];
             lanes.copy_from_slice(&w[j * 8..j * 8 + 8]);
             bytemuck::cast::<[f32; 8], __m256>(lanes)
         };
-        let f16_vector = |w: &[f16], j: usize| {
+        let f16_vector = |w: &[f16; PANEL], j: usize| {
             let mut lanes = [f16::ZERO; 8];
             lanes.copy_from_slice(&w[j * 8..j * 8 + 8]);
             _mm256_cvtph_ps(bytemuck::cast::<[f16; 8], __m128i>(lanes))
@@ -463,151 +517,151 @@ mod avx2 {
         for k0 in (0..k).step_by(K_BLOCK) {
             let steps = K_BLOCK.min(k - k0);
             let (at, len) = (k0 * PANEL, steps * PANEL);
-            let ahead = panel.weights.from(at);
+            let next = panel.weights.bytes_from(at + len);
             match panel.weights {
-                Weights::F32(w) => groups.run(&w[at..at + len], k0, ahead, f32_vector),
-                // Halves widened in registers as they are used: no copy of the block. Each
-                // group widens them again, so beyond three groups (9 rows) the block is widened
-                // once into `scratch` instead (measured by `packed_product_speed`: at 16 and
-                // 32 rows, widening per group took 1.2x and 1.8x the time of f32 weights).
-                Weights::F16(w) if rows <= 9 => groups.run(&w[at..at + len], k0, ahead, f16_vector),
+                Weights::F32(w) => groups.run(cast_slice(&w[at..at + len]), k0, next, f32_vector),
+                // Halves widened in registers as they are used, or the block once into
+                // `scratch` (`widened_in_registers` says which).
+                Weights::F16(w) if widened_in_registers(panel.weights, rows) => {
+                    groups.run(cast_slice(&w[at..at + len]), k0, next, f16_vector)
+                }
                 Weights::F16(w) => {
+                    let block: &[[f16; PANEL]] = cast_slice(&w[at..at + len]);
                     scratch.resize(len, 0.0);
-                    for (j, lanes) in scratch.chunks_exact_mut(8).enumerate() {
-                        let wide: [f32; 8] = bytemuck::cast(f16_vector(&w[at..at + len], j));
-                        lanes.copy_from_slice(&wide);
+                    for (wide, half) in scratch.chunks_exact_mut(PANEL).zip(block) {
+                        for (j, lanes) in wide.chunks_exact_mut(8).enumerate() {
+                            lanes.copy_from_slice(&bytemuck::cast::<__m256, [f32; 8]>(f16_vector(
+                                half, j,
+                            )));
+                        }
                     }
-                    groups.run(scratch, k0, ahead, f32_vector)
+                    groups.run(cast_slice(scratch), k0, next, f32_vector)
                 }
             }
         }
     }
 
-    /// The rows of `x` in groups of three (the last of one or two), and where their results go.
+    /// The rows in groups (`group_spans`), their inputs interleaved (`group_inputs`), and
+    /// where their results go.
     struct Groups<'a> {
-        x: &'a [f32],
+        grouped: &'a [f32],
         rows: usize,
+        /// Rows per group (`tile_height`).
+        height: usize,
         k: usize,
         dst: &'a mut [f32],
         dst_stride: usize,
     }
 
     impl Groups<'_> {
-        /// Every group against one block of a panel: steps `k0..` of `block`, whose `PANEL`
-        /// values per step `vector(step, j)` turns into f32 vector `j`.
+        /// Every group against one block of a panel (steps `k0..`), whose `PANEL` values per
+        /// step `vector(step, j)` turns into f32 vector `j`; `next` is the weights after the
+        /// block, which the groups prefetch between them while they compute.
         #[target_feature(enable = "avx2,fma,f16c")]
-        fn run<T>(
+        fn run<T: bytemuck::Pod>(
             &mut self,
-            block: &[T],
+            block: &[[T; PANEL]],
             k0: usize,
-            ahead: Weights,
-            vector: impl Fn(&[T], usize) -> __m256 + Copy,
+            next: &[u8],
+            vector: impl Fn(&[T; PANEL], usize) -> __m256 + Copy,
         ) {
             let (rows, k, stride) = (self.rows, self.k, self.dst_stride);
-            let groups = rows.div_ceil(3);
-            let mut r = 0;
-            while r < rows {
-                let tile = Tile {
-                    block,
-                    ahead,
-                    k0,
-                    group: r / 3,
-                    groups,
+            let steps = block.len();
+            let groups = group_spans(rows, self.height).count();
+            // The next block, as many bytes as this one, shared out among the groups: each
+            // prefetches its share at an even pace, one or two lines per step.
+            let share = std::mem::size_of_val(block).div_ceil(groups);
+            let prefetcher = Prefetcher {
+                next,
+                start: 0,
+                pace: share.div_ceil(steps),
+            };
+            for (g, (r, height)) in group_spans(rows, self.height).enumerate() {
+                let inputs = &self.grouped[r * k + k0 * height..r * k + (k0 + steps) * height];
+                let dst = &mut self.dst[r * stride..];
+                let prefetcher = Prefetcher {
+                    start: g * share,
+                    ..prefetcher
                 };
-                let (x, dst) = (&self.x[r * k..], &mut self.dst[r * stride..]);
-                match rows - r {
-                    1 => tile.run::<1>(x, k, dst, stride, vector),
-                    2 => tile.run::<2>(x, k, dst, stride, vector),
-                    _ => tile.run::<3>(x, k, dst, stride, vector),
+                match height {
+                    1 => tile::<T, 1>(block, cast_slice(inputs), prefetcher, dst, stride, vector),
+                    2 => tile::<T, 2>(block, cast_slice(inputs), prefetcher, dst, stride, vector),
+                    _ => tile::<T, 3>(block, cast_slice(inputs), prefetcher, dst, stride, vector),
                 }
-                r += 3;
             }
         }
     }
 
-    /// One group of rows against one block.
-    struct Tile<'a, T> {
-        block: &'a [T],
-        /// The packed weights from the block's first step on, for prefetching.
-        ahead: Weights<'a>,
-        k0: usize,
-        group: usize,
-        groups: usize,
+    /// What one group prefetches of the next block while it computes: its share, from
+    /// `start`, `pace` bytes further at every step.
+    #[derive(Clone, Copy)]
+    struct Prefetcher<'a> {
+        next: &'a [u8],
+        start: usize,
+        pace: usize,
     }
 
-    impl<T> Tile<'_, T> {
-        /// `R` rows of `x` (row stride `k`) against the block: `R × PANEL` accumulators in
-        /// registers (12 of AVX2's 16 for R = 3), one `PANEL`-wide row of weights per step.
-        ///
-        /// While computing, group `group` of `groups` prefetches every `groups`-th step of the
-        /// next block (or of the next panel): memory streams the whole time the other groups
-        /// compute from L1, instead of only during the first group's pass (measured end to
-        /// end: without the prefetch, one- and two-sentence requests took 1.07× and 1.18× as
-        /// long).
-        // Index loops on purpose: weight vector outside, rows inside, is the order that keeps
-        // the accumulators in registers (see below).
-        #[allow(clippy::needless_range_loop)]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn run<const R: usize>(
-            &self,
-            x: &[f32],
-            k: usize,
-            dst: &mut [f32],
-            dst_stride: usize,
-            vector: impl Fn(&[T], usize) -> __m256,
-        ) {
-            let steps = self.block.len() / PANEL;
-            let k0 = self.k0;
-            let xs: [&[f32]; R] = std::array::from_fn(|r| &x[r * k + k0..r * k + k0 + steps]);
-            let mut acc: [Row; R] = std::array::from_fn(|r| {
-                let mut row = [0f32; PANEL];
-                row.copy_from_slice(&dst[r * dst_stride..r * dst_stride + PANEL]);
-                bytemuck::cast(row)
-            });
-            // Steps until this group's next prefetch: one step in `groups`, staggered.
-            let mut wait = self.group;
-            for (i, w) in self.block.chunks_exact(PANEL).enumerate() {
-                if wait == 0 {
-                    self.ahead.prefetch_step(i + K_BLOCK);
-                    wait = self.groups;
-                }
-                wait -= 1;
-                let mut a = [_mm256_setzero_ps(); R];
+    /// `R` rows against one block: `R × PANEL` accumulators in registers (12 of AVX2's 16 for
+    /// R = 3), one `PANEL`-wide row of weights per step; `inputs[i]` holds the rows' inputs
+    /// of step `i`.
+    // Index loops on purpose: weight vector outside, rows inside, is the order that keeps
+    // the accumulators in registers (see below).
+    #[allow(clippy::needless_range_loop)]
+    // Out of line: each row count's loop is compiled, and shows in a profile, on its own.
+    #[inline(never)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile<T, const R: usize>(
+        block: &[[T; PANEL]],
+        inputs: &[[f32; R]],
+        prefetcher: Prefetcher,
+        dst: &mut [f32],
+        dst_stride: usize,
+        vector: impl Fn(&[T; PANEL], usize) -> __m256,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); PANEL / 8]; R];
+        for r in 0..R {
+            let mut row = [0f32; PANEL];
+            row.copy_from_slice(&dst[r * dst_stride..r * dst_stride + PANEL]);
+            acc[r] = bytemuck::cast::<[f32; PANEL], Row>(row);
+        }
+        let two_lines = prefetcher.pace > 64;
+        let mut ahead = prefetcher.start;
+        for (w, x) in block.iter().zip(inputs) {
+            prefetch(prefetcher.next, ahead);
+            if two_lines {
+                prefetch(prefetcher.next, ahead + 64);
+            }
+            ahead += prefetcher.pace;
+            // One weight vector at a time into all R accumulators: 12 accumulators, R
+            // broadcasts and one weight vector fit AVX2's 16 registers. (Holding the
+            // whole row of weights made the compiler spill two accumulators to the
+            // stack, and the store-to-load round trip on them set the pace.)
+            let a: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(x[r]));
+            for j in 0..PANEL / 8 {
+                let w = vector(w, j);
                 for r in 0..R {
-                    a[r] = _mm256_set1_ps(xs[r][i]);
-                }
-                // One weight vector at a time into all R accumulators: 12 accumulators, R
-                // broadcasts and one weight vector fit AVX2's 16 registers. (Holding the
-                // whole row of weights made the compiler spill two accumulators to the
-                // stack, and the store-to-load round trip on them set the pace.)
-                for j in 0..PANEL / 8 {
-                    let w = vector(w, j);
-                    for r in 0..R {
-                        acc[r][j] = _mm256_fmadd_ps(a[r], w, acc[r][j]);
-                    }
+                    acc[r][j] = _mm256_fmadd_ps(a[r], w, acc[r][j]);
                 }
             }
-            for (r, row) in acc.iter().enumerate() {
-                let row: [f32; PANEL] = bytemuck::cast(*row);
-                dst[r * dst_stride..r * dst_stride + PANEL].copy_from_slice(&row);
-            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let row: [f32; PANEL] = bytemuck::cast(*row);
+            dst[r * dst_stride..r * dst_stride + PANEL].copy_from_slice(&row);
         }
     }
 }
 
-/// Asks the CPU to bring the cache line holding `data[at]` into L1. `at` may lie past the
-/// end (the last block prefetches beyond the matrix): no bounds check, no branch.
+/// Asks the CPU to bring the cache line holding `data[at]` into L1; nothing past the end
+/// (the last block's next is beyond the matrix, and a prefetch to an unmapped page costs a
+/// page walk: measured, the hot f16 product ran 2.7x slower with it).
 #[inline(always)]
-fn prefetch<T>(data: &[T], at: usize) {
+fn prefetch(data: &[u8], at: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
+    if let Some(byte) = data.get(at) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // The address is only computed (wrapping_add needs no bounds), never dereferenced by
-        // Rust code.
-        let address = data.as_ptr().wrapping_add(at);
-        // SAFETY: the instruction is SSE, which every x86_64 CPU has; a prefetch is a hint
-        // that changes nothing the program can observe and never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(address.cast()) }
+        // SAFETY: the instruction is SSE, which every x86_64 CPU has; the address is that of
+        // a byte of `data`, and a prefetch changes nothing the program can observe.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((byte as *const u8).cast()) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (data, at);
@@ -734,6 +788,34 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst <= 1e-5, "rows {rows}: row 0 moved by {worst}");
         }
+    }
+
+    #[test]
+    fn groups_cover_the_rows_in_order_and_evenly() {
+        for height in [2, 3] {
+            for rows in 0..40 {
+                let spans: Vec<(usize, usize)> = group_spans(rows, height).collect();
+                assert_eq!(spans.len(), rows.div_ceil(height), "rows {rows}");
+                let mut next = 0;
+                for &(first, h) in &spans {
+                    assert_eq!(first, next, "rows {rows}: {spans:?}");
+                    assert!((1..=height).contains(&h), "rows {rows}: {spans:?}");
+                    next += h;
+                }
+                assert_eq!(next, rows);
+                let (low, high) = spans
+                    .iter()
+                    .fold((usize::MAX, 0), |(l, h), s| (l.min(s.1), h.max(s.1)));
+                assert!(
+                    spans.is_empty() || high - low <= 1,
+                    "rows {rows}: {spans:?}"
+                );
+            }
+        }
+        assert_eq!(
+            group_spans(10, 3).collect::<Vec<_>>(),
+            [(0, 3), (3, 3), (6, 2), (8, 2)]
+        );
     }
 
     #[test]
