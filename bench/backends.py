@@ -86,6 +86,10 @@ def main():
     for name, path in models:
         servers = {}
         try:
+            # candle on the xlm-roberta-base shape runs ~200 tokens/s, so a full pass of the
+            # default max_batch_tokens would outlast the default timeout, and the server
+            # refuses to start on that; this bench sends at most 32 sentences.
+            os.environ["FORKSERVE_TIMEOUT"] = "300"
             for backend in ("fast", "candle"):
                 os.environ["FORKSERVE_MODEL_BACKEND"] = backend
                 servers[backend] = Server("forkserve", 1, threads=1, model=path)
