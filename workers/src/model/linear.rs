@@ -652,8 +652,8 @@ mod avx2 {
 }
 
 /// Asks the CPU to bring the cache line holding `data[at]` into L1; nothing past the end
-/// (the last block's next is beyond the matrix, and a prefetch to an unmapped page costs a
-/// page walk: measured, the hot f16 product ran 2.7x slower with it).
+/// (the last block's next lies beyond the matrix: memory the product will not read, maybe
+/// not even mapped).
 #[inline(always)]
 fn prefetch(data: &[u8], at: usize) {
     #[cfg(target_arch = "x86_64")]
