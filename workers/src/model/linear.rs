@@ -593,7 +593,9 @@ mod avx2 {
     }
 
     /// What one group prefetches of the next block while it computes: its share, from
-    /// `start`, `pace` bytes further at every step.
+    /// `start`, `pace` bytes further at every step. Memory then streams the whole time every
+    /// group computes (measured end to end: without the prefetch, one- and two-sentence
+    /// requests took 1.15x and 1.13x as long).
     #[derive(Clone, Copy)]
     struct Prefetcher<'a> {
         next: &'a [u8],
