@@ -240,8 +240,8 @@ impl FastEncoder {
     /// With several threads, the sentences are split into that many groups of about equal
     /// token counts, each run through the whole network on its own thread: every product stays
     /// large enough to be efficient and the threads share nothing but the weights. (gemm's own
-    /// parallelism scales poorly on the few dozen rows a request has.) A single sentence uses
-    /// gemm's parallelism instead.
+    /// parallelism scales poorly on the few dozen rows a request has.) A single sentence
+    /// splits each product's outputs between the threads instead (`Linear::forward`).
     pub fn hidden_states(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<f32>, String> {
         if threads <= 1 || sentences.len() <= 1 {
             return self.run_group(sentences, threads);
