@@ -480,22 +480,11 @@ mod avx2 {
         dst_stride: usize,
         scratch: &mut Vec<f32>,
     ) {
-        let k = panel.k;
         if panel.width != PANEL {
-            // The narrow last panel of a matrix whose outputs are not a multiple of PANEL.
-            let width = panel.width;
-            let w = panel.weights.f32s(0, k * width, scratch);
-            for r in 0..rows {
-                let xr = &x[r * k..(r + 1) * k];
-                let out = &mut dst[r * dst_stride..r * dst_stride + width];
-                for (a, w) in xr.iter().zip(w.chunks_exact(width)) {
-                    for (o, w) in out.iter_mut().zip(w) {
-                        *o = a.mul_add(*w, *o);
-                    }
-                }
-            }
+            narrow_panel_product(x, rows, panel, dst, dst_stride, scratch);
             return;
         }
+        let k = panel.k;
         let mut groups = Groups {
             grouped,
             rows,
@@ -536,6 +525,30 @@ mod avx2 {
                         }
                     }
                     groups.run(cast_slice(scratch), k0, next, f32_vector)
+                }
+            }
+        }
+    }
+
+    /// The narrow last panel of a matrix whose outputs are not a multiple of `PANEL`, row by
+    /// row (one such panel at most per matrix).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn narrow_panel_product(
+        x: &[f32],
+        rows: usize,
+        panel: Panel,
+        dst: &mut [f32],
+        dst_stride: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let (k, width) = (panel.k, panel.width);
+        let w = panel.weights.f32s(0, k * width, scratch);
+        for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            let out = &mut dst[r * dst_stride..r * dst_stride + width];
+            for (a, w) in xr.iter().zip(w.chunks_exact(width)) {
+                for (o, w) in out.iter_mut().zip(w) {
+                    *o = a.mul_add(*w, *o);
                 }
             }
         }
