@@ -348,7 +348,7 @@ impl Runner {
         };
         let split = picked.iter().position(|&(t, _)| t == last).unwrap_or(0);
         let (others, long) = picked.split_at(split);
-        if others.is_empty() || tokens(long) * 2 <= tokens(others) + tokens(long) {
+        if others.is_empty() || tokens(long) <= tokens(others) {
             return false;
         }
         tasks[last].next -= long.len();

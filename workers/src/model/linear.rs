@@ -380,8 +380,8 @@ fn tile_height(weights: Weights, rows: usize) -> usize {
 /// Whether f16 weights are widened in registers as they are used (no copy of the block), or
 /// a block at a time into f32 first. Each group of rows widens them again, so with many
 /// groups a block's single widening costs less. Measured by `packed_product_speed`: in
-/// registers took 0.55-0.65x the time at 9 rows, 0.6-1.0x at 16, and the same within the
-/// noise from 32 rows on.
+/// registers took 0.55-0.84x the time at 9 rows, 0.56-1.39x at 16 (the noise), and the same
+/// within the noise from 32 rows on.
 fn widened_in_registers(weights: Weights, rows: usize) -> bool {
     matches!(weights, Weights::F16(_)) && rows <= 16
 }
@@ -510,7 +510,9 @@ mod avx2 {
             match panel.weights {
                 Weights::F32(w) => groups.run(cast_slice(&w[at..at + len]), k0, next, f32_vector),
                 // Halves widened in registers as they are used, or the block once into
-                // `scratch` (`widened_in_registers` says which).
+                // `scratch` (`widened_in_registers` says which), by the kernel's own F16C
+                // conversion: `Weights::f32s` (the half crate's) took 1.1-1.6x the time at 32
+                // rows (`packed_product_speed`), the same within the noise from 48 rows on.
                 Weights::F16(w) if widened_in_registers(panel.weights, rows) => {
                     groups.run(cast_slice(&w[at..at + len]), k0, next, f16_vector)
                 }
@@ -580,21 +582,18 @@ mod avx2 {
         ) {
             let (rows, k, stride) = (self.rows, self.k, self.dst_stride);
             let steps = block.len();
-            let groups = group_spans(rows, self.height).count();
+            let groups = rows.div_ceil(self.height);
             // The next block, as many bytes as this one, shared out among the groups: each
             // prefetches its share at an even pace, one or two lines per step.
             let share = std::mem::size_of_val(block).div_ceil(groups);
-            let prefetcher = Prefetcher {
-                next,
-                start: 0,
-                pace: share.div_ceil(steps),
-            };
+            let pace = share.div_ceil(steps);
             for (g, (r, height)) in group_spans(rows, self.height).enumerate() {
                 let inputs = &self.grouped[r * k + k0 * height..r * k + (k0 + steps) * height];
                 let dst = &mut self.dst[r * stride..];
                 let prefetcher = Prefetcher {
+                    next,
                     start: g * share,
-                    ..prefetcher
+                    pace,
                 };
                 match height {
                     1 => tile::<T, 1>(block, cast_slice(inputs), prefetcher, dst, stride, vector),
