@@ -9,6 +9,7 @@
 //! stop the loops from vectorising. `exp` and `erf` here are branch-free polynomials that do.
 
 use multiversion::multiversion;
+use multiversion::target::selected_target;
 
 /// `x = LayerNorm(x + residual)` over one row, with weight `gamma` and bias `beta`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
@@ -17,38 +18,59 @@ pub fn layer_norm(x: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta: 
         x.iter_mut().zip(r).for_each(|(a, b)| *a += b);
     }
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum_by(x, |v| v) / n;
+    let var = sum_by(x, |v| (v - mean) * (v - mean)) / n;
     let inv = 1.0 / (var + eps).sqrt();
     for ((v, w), b) in x.iter_mut().zip(gamma).zip(beta) {
         *v = (*v - mean) * inv * w + b;
     }
 }
 
+/// `Σ f(v)` over `x`, kept in `LANES` running sums. One running sum is a chain of dependent
+/// additions that the compiler must keep in order (float addition is not associative), so it
+/// neither vectorises nor overlaps: layer norm's two sums took ~7 cycles per value that way
+/// (`make bench-kernels`). Independent lanes become a few vector accumulators.
+#[inline(always)]
+fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const LANES: usize = 32;
+    let mut lanes = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Softmax over one row, in place.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub fn softmax(row: &mut [f32]) {
+    const FMA: bool = selected_target!().supports_feature_str("fma");
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    row.iter_mut().for_each(|v| *v = exp(*v - max));
-    let inv = 1.0 / row.iter().sum::<f32>();
+    row.iter_mut().for_each(|v| *v = exp::<FMA>(*v - max));
+    let inv = 1.0 / sum_by(row, |v| v);
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// BERT's GELU, the exact (erf) form `x/2 · (1 + erf(x/√2))`, in place.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub fn gelu_erf(x: &mut [f32]) {
+    const FMA: bool = selected_target!().supports_feature_str("fma");
     x.iter_mut()
-        .for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2)));
+        .for_each(|v| *v = 0.5 * *v * (1.0 + erf::<FMA>(*v * std::f32::consts::FRAC_1_SQRT_2)));
 }
 
 /// GELU's tanh approximation (`gelu_new`, `gelu_pytorch_tanh`):
 /// `x/2 · (1 + tanh(√(2/π) · (x + 0.044715·x³)))`, with `tanh(u) = 1 − 2/(e^{2u} + 1)`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub fn gelu_tanh(x: &mut [f32]) {
+    const FMA: bool = selected_target!().supports_feature_str("fma");
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     x.iter_mut().for_each(|v| {
         let u = SQRT_2_OVER_PI * (*v + 0.044_715 * *v * *v * *v);
-        let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+        let tanh = 1.0 - 2.0 / (exp::<FMA>(2.0 * u) + 1.0);
         *v = 0.5 * *v * (1.0 + tanh);
     });
 }
@@ -61,7 +83,8 @@ pub fn relu(x: &mut [f32]) {
 /// SiLU (swish): `x · sigmoid(x)`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub fn silu(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v));
+    const FMA: bool = selected_target!().supports_feature_str("fma");
+    x.iter_mut().for_each(|v| *v /= 1.0 + exp::<FMA>(-*v));
 }
 
 /// `e^x` for f32, branch-free so that loops over it vectorise. Relative error below 2e-7 from
@@ -71,8 +94,9 @@ pub fn silu(x: &mut [f32]) {
 ///
 /// Method: `e^x = 2^n · e^r` with `n = round(x·log2 e)` and `|r| ≤ ln2/2`, `e^r` by its Taylor
 /// series to degree 7 (error term `0.347^8/8! ≈ 5e-9`), `2^n` built from the exponent bits.
+/// `FMA`: whether the caller was compiled for a CPU with FMA (see `mul_add`).
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+pub fn exp<const FMA: bool>(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75; // ln 2 split in two so that n·LN2_HI is exact
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Adding 1.5·2^23 rounds to an integer in the low mantissa bits, with no branch and no
@@ -82,12 +106,18 @@ pub fn exp(x: f32) -> f32 {
     let shifted = x * std::f32::consts::LOG2_E + ROUNDER;
     let n = shifted - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (1.0 / 2.0
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = [
+        1.0,
+        1.0,
+        1.0 / 2.0,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+    ]
+    .iter()
+    .rev()
+    .fold(1.0 / 5040.0, |p, &c| mul_add::<FMA>(p, r, c));
     let n_bits = shifted.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
     p * f32::from_bits(((n_bits + 127) << 23) as u32)
 }
@@ -98,7 +128,7 @@ pub fn exp(x: f32) -> f32 {
 /// `erf(x) = 1 − (a₁t + a₂t² + a₃t³ + a₄t⁴ + a₅t⁵)·e^(−x²)` with `t = 1/(1 + p·x)`, `x ≥ 0`,
 /// stated there with error ≤ 1.5e-7; erf is odd, so the sign is put back at the end.
 #[inline(always)]
-pub fn erf(x: f32) -> f32 {
+pub fn erf<const FMA: bool>(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -109,9 +139,25 @@ pub fn erf(x: f32) -> f32 {
     ];
     let a = x.abs();
     let t = 1.0 / (1.0 + P * a);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let y = 1.0 - poly * exp(-a * a);
+    let poly = t * A[..4]
+        .iter()
+        .rev()
+        .fold(A[4], |p, &c| mul_add::<FMA>(p, t, c));
+    let y = 1.0 - poly * exp::<FMA>(-a * a);
     y.copysign(x)
+}
+
+/// `a·b + c`. With `FMA` (the multiversioned caller's clone was compiled for a CPU that has
+/// it), one fused instruction: the polynomials of `exp` and `erf` are chains of dependent
+/// multiply-adds, and fusing each pair shortens the chain (gelu_erf took 0.6x the time,
+/// `make bench-kernels`). Without it `f32::mul_add` would be a slow library call, so a product
+/// and a sum.
+#[inline(always)]
+fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    match FMA {
+        true => a.mul_add(b, c),
+        false => a * b + c,
+    }
 }
 
 /// A strided view of `rows × cols` f32 values inside a slice.
@@ -272,9 +318,16 @@ mod tests {
         assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
     }
 
-    /// Every 1/1000 from -100 to 88, against the standard library's correctly rounded `exp`.
+    /// Every 1/1000 from -100 to 88, against the standard library's correctly rounded `exp`;
+    /// fused and unfused.
     #[test]
     fn exp_is_accurate_over_the_range() {
+        exp_is_accurate::<false>();
+        exp_is_accurate::<true>();
+    }
+
+    fn exp_is_accurate<const FMA: bool>() {
+        let exp = exp::<FMA>;
         let mut worst = 0f32;
         for i in -100_000..=88_000 {
             let x = i as f32 / 1000.0;
@@ -286,21 +339,28 @@ mod tests {
             }
             worst = worst.max(((got - want) / want).abs());
         }
-        assert!(worst < 2e-7, "worst relative error {worst}");
+        assert!(worst < 2e-7, "worst relative error {worst} (FMA: {FMA})");
         assert_eq!(exp(f32::NEG_INFINITY), exp(-87.33));
         assert!(exp(1000.0).is_finite() && exp(1000.0) > 1e38);
         assert!(exp(f32::NAN).is_nan());
     }
 
-    /// Every 1/10000 from -6 to 6 (erf is ±1 to f32 precision beyond), against libm's erff.
+    /// Every 1/10000 from -6 to 6 (erf is ±1 to f32 precision beyond), against libm's erff;
+    /// fused and unfused.
     #[test]
     fn erf_is_accurate_over_the_range() {
+        erf_is_accurate::<false>();
+        erf_is_accurate::<true>();
+    }
+
+    fn erf_is_accurate<const FMA: bool>() {
+        let erf = erf::<FMA>;
         let mut worst = 0f32;
         for i in -60_000..=60_000 {
             let x = i as f32 / 10_000.0;
             worst = worst.max((erf(x) - libm::erff(x)).abs());
         }
-        assert!(worst < 6e-7, "worst absolute error {worst}");
+        assert!(worst < 6e-7, "worst absolute error {worst} (FMA: {FMA})");
         assert!(erf(0.0).abs() < 1e-7);
         assert_eq!(erf(10.0), 1.0);
         assert_eq!(erf(-10.0), -1.0);
