@@ -149,7 +149,7 @@ pub fn erf<const FMA: bool>(x: f32) -> f32 {
 
 /// `a·b + c`. With `FMA` (the multiversioned caller's clone was compiled for a CPU that has
 /// it), one fused instruction: the polynomials of `exp` and `erf` are chains of dependent
-/// multiply-adds, and fusing each pair shortens the chain (gelu_erf took 0.6x the time,
+/// multiply-adds, and fusing each pair shortens the chain (gelu_erf took 0.8x the time,
 /// `make bench-kernels`). Without it `f32::mul_add` would be a slow library call, so a product
 /// and a sum.
 #[inline(always)]
