@@ -13,7 +13,8 @@ text-embeddings-inference's ORT backend and fastembed run), and the concurrency 
 3. Latency, side by side: forkserve's POST /embed over HTTP (one worker, `threads` = 1 or 2)
    against ORT in-process (tokenize + run + mean pooling + normalize, intra-op threads = 1 or
    2), for 1, 8, 32 and 128 distinct short titles, alternating the two on every repeat;
-   medians and their ratio.
+   medians and their ratio. Beside them, forkserve's forward passes alone as the server times
+   them (`forkserve_inference_duration_seconds` in /metrics), and the rest of each request.
 4. Concurrency: one-sentence POST /embed and the seed POST /cluster at 1, 4 and 32 connections
    (wrk), forkserve against the Python stack, one worker each on one core (forkserve
    `threads = 1`, torch `OMP_NUM_THREADS=1`).
@@ -217,7 +218,10 @@ def section_latency(onnx_path, model_dir, threads_list, sizes, repeats, precisio
                 warm = titles(n, 10_000 + n)
                 embed(conn, warm)
                 ort_enc.encode(warm)
-                fs, ort_ms = [], []
+                fs, ort_ms, pass_ms = [], [], []
+                # Read after each request, not just before the next: a request right before
+                # the timed one would wake the server that the pause let go idle.
+                passes_so_far = pass_totals(server.port)[0]
                 for rep in range(repeats):
                     texts = titles(n, rep * 7 + n)
                     # Alternate which goes first so drift on a shared machine hits both.
@@ -231,6 +235,8 @@ def section_latency(onnx_path, model_dir, threads_list, sizes, repeats, precisio
                         if who == "fs":
                             embed(conn, texts)
                             fs.append((time.perf_counter() - t) * 1000)
+                            before, passes_so_far = passes_so_far, pass_totals(server.port)[0]
+                            pass_ms.append(1000 * (passes_so_far - before))
                         else:
                             ort_enc.encode(texts)
                             ort_ms.append((time.perf_counter() - t) * 1000)
@@ -240,6 +246,11 @@ def section_latency(onnx_path, model_dir, threads_list, sizes, repeats, precisio
                        "forkserve_ms": statistics.median(fs), "ort_ms": statistics.median(ort_ms),
                        "forkserve_runs_ms": fs, "ort_runs_ms": ort_ms}
                 row["ratio"] = row["forkserve_ms"] / row["ort_ms"]
+                # The request's forward passes alone, as the server timed them: the rest of its
+                # time is HTTP, JSON, tokenizing and the wake-ups between threads and processes.
+                row["pass_ms"] = statistics.median(pass_ms)
+                row["pass_ratio"] = row["pass_ms"] / row["ort_ms"]
+                row["outside_pass_ms"] = statistics.median(f - p for f, p in zip(fs, pass_ms))
                 rows.append(row)
                 print(f"  threads {threads}, {precision}, {n:4} sentences: forkserve {row['forkserve_ms']:8.2f} ms, "
                       f"ORT {row['ort_ms']:8.2f} ms, ratio {row['ratio']:.2f}", flush=True)
@@ -332,6 +343,20 @@ def section_head_of_line(model_dir):
         server.stop()
 
 
+def pass_totals(port):
+    """(seconds, count) of forkserve's forward passes so far (`forkserve_inference_duration_seconds`)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    value = {}
+    for line in text.splitlines():
+        for key in ("sum", "count"):
+            if line.startswith(f"forkserve_inference_duration_seconds_{key} "):
+                value[key] = float(line.split()[1])
+    return value.get("sum", 0.0), value.get("count", 0.0)
+
+
 def metrics_batches(port):
     """forkserve's histogram of requests per forward pass, from /metrics, after the runs."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -349,13 +374,20 @@ def report(result):
            f"({m['flop_per_cycle']} flop/cycle). ORT {result['ort_version']}, embeddings checked first: "
            f"min cos {result['ort_min_cos']:.6f} against sentence-transformers.", "",
            "## Latency: forkserve POST /embed over HTTP vs ORT in-process (median)", "",
-           "| threads | forkserve weights | sentences | tokens | forkserve | ORT | forkserve / ORT | forkserve share of peak |",
-           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| threads | forkserve weights | sentences | tokens | forkserve | ORT | forkserve / ORT | forkserve share of peak "
+           "| forkserve's passes alone | passes / ORT | the rest of a request |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["latency"]:
         share = r["gflop"] / (r["forkserve_ms"] / 1000) / (result["peak_gflops"] * r["threads"])
         out.append(f"| {r['threads']} | {r.get('precision', 'f32')} | {r['sentences']} | {r['tokens']} | {r['forkserve_ms']:.2f} ms | "
-                   f"{r['ort_ms']:.2f} ms | {r['ratio']:.2f} | {share:.0%} |")
+                   f"{r['ort_ms']:.2f} ms | {r['ratio']:.2f} | {share:.0%} | "
+                   + (f"{r['pass_ms']:.2f} ms | {r['pass_ratio']:.2f} | {r['outside_pass_ms']:.2f} ms |" if "pass_ms" in r else "| | |"))
     out += ["", "Ratio below 1: forkserve is faster (its time includes HTTP and JSON; ORT's does not). "
+            "\"Passes alone\" is the server's own timing of each request's forward passes "
+            "(`forkserve_inference_duration_seconds` in `/metrics`, read before and after every request, outside the "
+            "timing; tokens to pooled vectors); \"the rest\" is each request's time minus its passes: HTTP over "
+            "loopback, JSON, tokenizing and the wake-ups of the threads and processes involved, which ORT in-process does "
+            "not have. "
             "ORT's weights are f32 in every row; \"f16\" rows are forkserve with `model.precision = \"f16\"`.", "",
             "## Concurrency: one worker on one core per stack (wrk, req/s, p50 / p99 ms)", "",
             "| request | connections | forkserve | Python stack | forkserve / Python |",

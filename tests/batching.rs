@@ -101,6 +101,15 @@ fn a_sentence_vector_does_not_depend_on_its_pass_mates() {
         1 + rounds * clients,
         "every request counted once in the passes' sums"
     );
+    // Every pass is timed once, and every request's wait before its first pass once.
+    let timed = metric(&text, "forkserve_inference_duration_seconds_count", "");
+    let pass_seconds = metric(&text, "forkserve_inference_duration_seconds_sum", "");
+    assert!(
+        timed == passes && pass_seconds > 0.0,
+        "{timed} passes timed ({pass_seconds} s) of {passes}:\n{text}"
+    );
+    let queued = metric(&text, "forkserve_queue_duration_seconds_count", "");
+    assert_eq!(queued as usize, 1 + rounds * clients, "every request's wait counted once");
 }
 
 /// A large /cluster request runs as many passes of `max_batch_tokens`; a one-sentence request

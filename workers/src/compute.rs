@@ -17,12 +17,13 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 use crate::embedder::{EmbedError, Embedder, Tokens};
 use crate::protocol::{monotonic_ms, WorkerSlot};
-use crate::shared_metrics::SharedMetrics;
+use crate::shared_metrics::{BatchStats, SharedMetrics};
 
 /// A unit of work for the compute thread.
 type Job = Box<dyn FnOnce(&dyn Embedder) -> Next + Send>;
@@ -68,6 +69,9 @@ struct EmbedTask {
     vectors: Vec<Vec<f32>>,
     reply: oneshot::Sender<Result<Vec<Vec<f32>>, ComputeError>>,
     progress: Option<Progress>,
+    /// When the request was queued for the compute thread; taken by its first pass, which
+    /// counts the wait (`forkserve_queue_duration_seconds`).
+    queued_since: Option<Instant>,
 }
 
 impl EmbedTask {
@@ -218,6 +222,7 @@ impl Compute {
         F: FnOnce(&dyn Embedder) -> Result<Vec<Tokens>, E> + Send + 'static,
     {
         let _place = self.place()?;
+        let queued_since = Instant::now();
         let (tokenized_tx, tokenized) = oneshot::channel::<Result<usize, E>>();
         let (reply, embedded) = oneshot::channel();
         let job: Job = Box::new(move |embedder| {
@@ -242,6 +247,7 @@ impl Compute {
                 next: 0,
                 reply,
                 progress,
+                queued_since: Some(queued_since),
             })
         });
         self.work.send(job).map_err(|_| ComputeError::Failed)?;
@@ -378,13 +384,20 @@ impl Runner {
             }
         }
         *deferred = !*deferred && Self::leave_long_job_for_next_pass(tasks, &mut picked);
+        for &(t, _) in &picked {
+            if let Some(since) = tasks[t].queued_since.take() {
+                self.metrics.count_queued(since.elapsed().as_secs_f64());
+            }
+        }
         let batch: Vec<&Tokens> = picked.iter().map(|&(t, i)| &tasks[t].tokens[i]).collect();
+        let started = Instant::now();
         let result = self.guarded(|| {
             if !self.stall.is_zero() {
                 std::thread::sleep(self.stall);
             }
             self.embedder.embed_batch(&batch)
         });
+        let seconds = started.elapsed().as_secs_f64();
         let requests = {
             let mut ts: Vec<usize> = picked.iter().map(|&(t, _)| t).collect();
             ts.dedup();
@@ -395,8 +408,13 @@ impl Runner {
             true => batch.iter().map(|t| t.len()).max().unwrap_or(0) * batch.len(),
             false => tokens,
         };
-        self.metrics
-            .count_batch(batch.len(), requests, tokens, padded);
+        self.metrics.count_batch(&BatchStats {
+            sentences: batch.len(),
+            requests,
+            tokens,
+            padded,
+            seconds,
+        });
         match result {
             Some(Ok(vectors)) => {
                 for (&(t, i), v) in picked.iter().zip(vectors) {
@@ -463,6 +481,7 @@ mod tests {
             next: picked,
             reply: oneshot::channel().0,
             progress: None,
+            queued_since: None,
         }
     }
 

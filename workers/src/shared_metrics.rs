@@ -27,6 +27,27 @@ pub const LATENCY_BUCKETS: [f64; 13] = [
     30.0,
     f64::INFINITY,
 ];
+/// Upper bounds (seconds) of the forward-pass and queue-time histograms: from a one-sentence
+/// pass (a few ms) down to a queue that was empty, up to a pass of `max_batch_tokens` long
+/// sentences (seconds).
+pub const PASS_BUCKETS: [f64; 16] = [
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    f64::INFINITY,
+];
 /// Upper bounds of the inference batch-size histogram (sentences per forward pass).
 pub const BATCH_BUCKETS: [f64; 11] = [
     1.0,
@@ -84,6 +105,11 @@ pub struct SharedMetrics {
     pub batch_size: Histogram<{ BATCH_BUCKETS.len() }>,
     /// Requests sharing a forward pass.
     pub batch_requests: Histogram<{ BATCH_BUCKETS.len() }>,
+    /// How long each forward pass took (tokens in, pooled vectors out).
+    pub pass_duration: Histogram<{ PASS_BUCKETS.len() }>,
+    /// How long a request waited from being queued for the compute thread to its first pass
+    /// (tokenizing included).
+    pub queue_duration: Histogram<{ PASS_BUCKETS.len() }>,
     /// Real tokens run through the model.
     pub tokens: AtomicU64,
     /// Tokens including padding (the compute actually spent).
@@ -101,6 +127,8 @@ impl Default for SharedMetrics {
             latency: std::array::from_fn(|_| Histogram::default()),
             batch_size: Histogram::default(),
             batch_requests: Histogram::default(),
+            pass_duration: Histogram::default(),
+            queue_duration: Histogram::default(),
             tokens: AtomicU64::new(0),
             padded_tokens: AtomicU64::new(0),
             restarts: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -128,12 +156,25 @@ impl SharedMetrics {
             .sum()
     }
 
-    pub fn count_batch(&self, sentences: usize, requests: usize, tokens: usize, padded: usize) {
+    pub fn count_batch(&self, batch: &BatchStats) {
+        let BatchStats {
+            sentences,
+            requests,
+            tokens,
+            padded,
+            seconds,
+        } = *batch;
+        self.pass_duration.observe(&PASS_BUCKETS, seconds);
         self.batch_size.observe(&BATCH_BUCKETS, sentences as f64);
         self.batch_requests.observe(&BATCH_BUCKETS, requests as f64);
         self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         self.padded_tokens
             .fetch_add(padded as u64, Ordering::Relaxed);
+    }
+
+    /// A request's wait before its first forward pass.
+    pub fn count_queued(&self, seconds: f64) {
+        self.queue_duration.observe(&PASS_BUCKETS, seconds);
     }
 
     /// Count one restart; returns the total for that reason.
@@ -144,6 +185,21 @@ impl SharedMetrics {
     pub fn restarts(&self, reason: RestartReason) -> u64 {
         self.restarts[reason as usize].load(Ordering::Relaxed)
     }
+}
+
+/// One forward pass, as counted.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchStats {
+    /// Sentences in the pass.
+    pub sentences: usize,
+    /// Requests they came from.
+    pub requests: usize,
+    /// Real tokens.
+    pub tokens: usize,
+    /// Tokens computed, padding included (the same as `tokens` for a backend that never pads).
+    pub padded: usize,
+    /// How long the pass took.
+    pub seconds: f64,
 }
 
 /// The shared mapping as every process sees it: all worker slots, and the server-wide

@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 
 use super::routes::Route;
 use crate::protocol::{RestartReason, WorkerSlot, WorkerState};
-use crate::shared_metrics::{Histogram, SharedBoard, BATCH_BUCKETS, LATENCY_BUCKETS, STATUSES};
+use crate::shared_metrics::{
+    Histogram, SharedBoard, BATCH_BUCKETS, LATENCY_BUCKETS, PASS_BUCKETS, STATUSES,
+};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -109,6 +111,32 @@ pub fn render(board: &SharedBoard) -> String {
         "",
         &m.batch_requests,
         &BATCH_BUCKETS,
+    );
+    header(
+        &mut out,
+        "forkserve_inference_duration_seconds",
+        "histogram",
+        "Time per forward pass, from tokens to pooled vectors.",
+    );
+    histogram(
+        &mut out,
+        "forkserve_inference_duration_seconds",
+        "",
+        &m.pass_duration,
+        &PASS_BUCKETS,
+    );
+    header(
+        &mut out,
+        "forkserve_queue_duration_seconds",
+        "histogram",
+        "Time from a request being queued for its worker's compute thread to its first forward pass, tokenizing included.",
+    );
+    histogram(
+        &mut out,
+        "forkserve_queue_duration_seconds",
+        "",
+        &m.queue_duration,
+        &PASS_BUCKETS,
     );
     header(
         &mut out,
@@ -262,7 +290,7 @@ fn histogram<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared_metrics::SharedMetrics;
+    use crate::shared_metrics::{BatchStats, SharedMetrics};
 
     #[test]
     fn renders_counters_histograms_and_workers() {
@@ -277,7 +305,14 @@ mod tests {
         metrics.count_request(Route::Cluster.index(), 200, 0.02);
         metrics.count_request(Route::Cluster.index(), 200, 0.2);
         metrics.count_request(Route::Embed.index(), 422, 0.001);
-        metrics.count_batch(9, 2, 69, 81);
+        metrics.count_batch(&BatchStats {
+            sentences: 9,
+            requests: 2,
+            tokens: 69,
+            padded: 81,
+            seconds: 0.004,
+        });
+        metrics.count_queued(0.0002);
         metrics.count_restart(RestartReason::MaxRequests);
         let text = render(&SharedBoard { slots, metrics });
         for line in [
@@ -288,6 +323,10 @@ mod tests {
             "forkserve_request_duration_seconds_count{route=\"/cluster\"} 2",
             "forkserve_inference_batch_size_bucket{le=\"16\"} 1",
             "forkserve_inference_tokens_total 69",
+            "forkserve_inference_duration_seconds_bucket{le=\"0.0025\"} 0",
+            "forkserve_inference_duration_seconds_bucket{le=\"0.005\"} 1",
+            "forkserve_inference_duration_seconds_sum 0.004",
+            "forkserve_queue_duration_seconds_bucket{le=\"0.0005\"} 1",
             "forkserve_worker_restarts_total{reason=\"max_requests\"} 1",
             "forkserve_workers{state=\"ready\"} 1",
             "forkserve_worker_private_memory_bytes{worker=\"0\"} 4096",
