@@ -109,7 +109,11 @@ fn a_sentence_vector_does_not_depend_on_its_pass_mates() {
         "{timed} passes timed ({pass_seconds} s) of {passes}:\n{text}"
     );
     let queued = metric(&text, "forkserve_queue_duration_seconds_count", "");
-    assert_eq!(queued as usize, 1 + rounds * clients, "every request's wait counted once");
+    assert_eq!(
+        queued as usize,
+        1 + rounds * clients,
+        "every request's wait counted once"
+    );
 }
 
 /// A large /cluster request runs as many passes of `max_batch_tokens`; a one-sentence request
