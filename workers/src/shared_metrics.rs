@@ -27,27 +27,25 @@ pub const LATENCY_BUCKETS: [f64; 13] = [
     30.0,
     f64::INFINITY,
 ];
-/// Upper bounds (seconds) of the forward-pass and queue-time histograms: from a one-sentence
-/// pass (a few ms) down to a queue that was empty, up to a pass of `max_batch_tokens` long
-/// sentences (seconds).
-pub const PASS_BUCKETS: [f64; 16] = [
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    f64::INFINITY,
-];
+/// Upper bounds (seconds) of the forward-pass and queue-time histograms: the latency buckets
+/// with three finer ones below, since a one-sentence pass takes a few ms and an empty queue a
+/// fraction of one.
+pub const PASS_BUCKETS: [f64; 16] = finer_below([0.0005, 0.001, 0.0025], LATENCY_BUCKETS);
+
+/// `low` followed by `high`: one histogram's bounds extending another's downwards.
+const fn finer_below<const L: usize, const H: usize, const N: usize>(
+    low: [f64; L],
+    high: [f64; H],
+) -> [f64; N] {
+    assert!(L + H == N, "the bounds' count is the sum of both parts");
+    let mut out = [0.0; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = if i < L { low[i] } else { high[i - L] };
+        i += 1;
+    }
+    out
+}
 /// Upper bounds of the inference batch-size histogram (sentences per forward pass).
 pub const BATCH_BUCKETS: [f64; 11] = [
     1.0,
@@ -229,6 +227,13 @@ mod tests {
         assert_eq!(counts, vec![2, 1, 1]);
         assert_eq!(h.count.load(Ordering::Relaxed), 4);
         assert_eq!(h.sum_micros.load(Ordering::Relaxed), 7_650_000);
+    }
+
+    #[test]
+    fn pass_buckets_extend_the_latency_buckets_downwards() {
+        assert_eq!(PASS_BUCKETS[..3], [0.0005, 0.001, 0.0025]);
+        assert_eq!(PASS_BUCKETS[3..], LATENCY_BUCKETS);
+        assert!(PASS_BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]
