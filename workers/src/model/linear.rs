@@ -306,7 +306,7 @@ impl Linear {
         let mut scratch = Vec::new();
         match route {
             Route::FewRows => {
-                let grouped = group_inputs(x, rows, k, tile_height(weights, rows));
+                let grouped = Grouped::new(x, rows, k, tile_height(weights, rows));
                 for (first, width) in self.panel_spans(from, to) {
                     let panel = Panel {
                         weights: weights.from(first * k),
@@ -397,24 +397,29 @@ fn group_spans(rows: usize, height: usize) -> impl Iterator<Item = (usize, usize
     (0..groups).map(move |g| (g * base + g.min(taller), base + usize::from(g < taller)))
 }
 
-/// The input rows in groups (`group_spans`), each group's rows interleaved step by step: a
-/// group of `h` rows from row `f` on starts where row `f` does, and holds
-/// `[x[f][i], x[f + 1][i], .., x[f + h - 1][i]]` for each step `i`. The kernel then reads one
-/// contiguous stream per group, the same for every panel.
-fn group_inputs(x: &[f32], rows: usize, k: usize, height: usize) -> Vec<f32> {
-    let mut grouped = vec![0f32; rows * k];
-    for (first, height) in group_spans(rows, height) {
-        let group = &mut grouped[first * k..(first + height) * k];
-        for (r, row) in x[first * k..(first + height) * k]
-            .chunks_exact(k)
-            .enumerate()
-        {
-            for (i, &v) in row.iter().enumerate() {
-                group[i * height + r] = v;
+/// The input rows in groups (`group_spans`) of at most `height`, each group's rows
+/// interleaved step by step: a group of `h` rows from row `f` on starts where row `f` does,
+/// and holds `[x[f][i], x[f + 1][i], .., x[f + h - 1][i]]` for each step `i`. The kernel then
+/// reads one contiguous stream per group, the same for every panel. Built once per product;
+/// the kernel takes the height from here, so the layout and its reading cannot disagree.
+struct Grouped {
+    values: Vec<f32>,
+    height: usize,
+}
+
+impl Grouped {
+    fn new(x: &[f32], rows: usize, k: usize, height: usize) -> Grouped {
+        let mut values = vec![0f32; rows * k];
+        for (first, h) in group_spans(rows, height) {
+            let group = &mut values[first * k..(first + h) * k];
+            for (r, row) in x[first * k..(first + h) * k].chunks_exact(k).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    group[i * h + r] = v;
+                }
             }
         }
+        Grouped { values, height }
     }
-    grouped
 }
 
 /// One packed `[k, width]` panel; `weights` runs on past it to the end of the matrix, so that
@@ -435,7 +440,7 @@ const K_BLOCK: usize = 128;
 /// them (`few_rows_available`), and this checks again before entering code compiled for them.
 fn few_rows_product(
     x: &[f32],
-    grouped: &[f32],
+    grouped: &Grouped,
     rows: usize,
     panel: Panel,
     dst: &mut [f32],
@@ -459,7 +464,7 @@ fn few_rows_product(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
-        group_spans, prefetch, tile_height, widened_in_registers, Panel, Weights, K_BLOCK, PANEL,
+        group_spans, prefetch, widened_in_registers, Grouped, Panel, Weights, K_BLOCK, PANEL,
     };
     use bytemuck::cast_slice;
     use half::f16;
@@ -473,7 +478,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn few_rows_product(
         x: &[f32],
-        grouped: &[f32],
+        grouped: &Grouped,
         rows: usize,
         panel: Panel,
         dst: &mut [f32],
@@ -486,9 +491,9 @@ mod avx2 {
         }
         let k = panel.k;
         let mut groups = Groups {
-            grouped,
+            grouped: &grouped.values,
             rows,
-            height: tile_height(panel.weights, rows),
+            height: grouped.height,
             k,
             dst,
             dst_stride,
@@ -556,12 +561,12 @@ mod avx2 {
         }
     }
 
-    /// The rows in groups (`group_spans`), their inputs interleaved (`group_inputs`), and
-    /// where their results go.
+    /// The rows in groups (`group_spans`), their inputs interleaved (`Grouped`), and where
+    /// their results go.
     struct Groups<'a> {
         grouped: &'a [f32],
         rows: usize,
-        /// Rows per group (`tile_height`).
+        /// Rows per group (`Grouped::height`).
         height: usize,
         k: usize,
         dst: &'a mut [f32],
