@@ -86,9 +86,10 @@ def main():
     for name, path in models:
         servers = {}
         try:
-            # candle on the xlm-roberta-base shape runs ~200 tokens/s, so a full pass of the
-            # default max_batch_tokens would outlast the default timeout, and the server
-            # refuses to start on that; this bench sends at most 32 sentences.
+            # candle on the xlm-roberta-base shape is slow (32 sentences took 10.4 s in
+            # bench/results/backends.md), so a full pass of the default max_batch_tokens would
+            # outlast the default 30 s timeout, and the server refuses to start on that; this
+            # bench sends at most 32 sentences.
             os.environ["FORKSERVE_TIMEOUT"] = "300"
             for backend in ("fast", "candle"):
                 os.environ["FORKSERVE_MODEL_BACKEND"] = backend

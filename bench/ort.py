@@ -221,7 +221,7 @@ def section_latency(onnx_path, model_dir, threads_list, sizes, repeats, precisio
                 fs, ort_ms, pass_ms = [], [], []
                 # Read after each request, not just before the next: a request right before
                 # the timed one would wake the server that the pause let go idle.
-                passes_so_far = pass_totals(server.port)[0]
+                pass_seconds_so_far = pass_seconds(server.port)
                 for rep in range(repeats):
                     texts = titles(n, rep * 7 + n)
                     # Alternate which goes first so drift on a shared machine hits both.
@@ -235,8 +235,8 @@ def section_latency(onnx_path, model_dir, threads_list, sizes, repeats, precisio
                         if who == "fs":
                             embed(conn, texts)
                             fs.append((time.perf_counter() - t) * 1000)
-                            before, passes_so_far = passes_so_far, pass_totals(server.port)[0]
-                            pass_ms.append(1000 * (passes_so_far - before))
+                            before, pass_seconds_so_far = pass_seconds_so_far, pass_seconds(server.port)
+                            pass_ms.append(1000 * (pass_seconds_so_far - before))
                         else:
                             ort_enc.encode(texts)
                             ort_ms.append((time.perf_counter() - t) * 1000)
@@ -343,27 +343,24 @@ def section_head_of_line(model_dir):
         server.stop()
 
 
-def pass_totals(port):
-    """(seconds, count) of forkserve's forward passes so far (`forkserve_inference_duration_seconds`)."""
+def metrics_lines(port, prefix):
+    """The lines of forkserve's /metrics that start with `prefix`."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    value = {}
-    for line in text.splitlines():
-        for key in ("sum", "count"):
-            if line.startswith(f"forkserve_inference_duration_seconds_{key} "):
-                value[key] = float(line.split()[1])
-    return value.get("sum", 0.0), value.get("count", 0.0)
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+def pass_seconds(port):
+    """Seconds forkserve has spent in forward passes so far (`forkserve_inference_duration_seconds`)."""
+    lines = metrics_lines(port, "forkserve_inference_duration_seconds_sum ")
+    return float(lines[0].split()[1]) if lines else 0.0
 
 
 def metrics_batches(port):
     """forkserve's histogram of requests per forward pass, from /metrics, after the runs."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    return [line for line in text.splitlines() if line.startswith("forkserve_inference_batch_requests")]
+    return metrics_lines(port, "forkserve_inference_batch_requests")
 
 
 def report(result):
