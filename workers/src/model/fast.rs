@@ -13,7 +13,7 @@
 //! - **Fused element-wise work**: bias is the product's starting value, the residual is added
 //!   in the layer norm pass, the activation runs in place. MPNet's relative position bias is a
 //!   table per head indexed by distance, so adding it to a row of scores is one slice add.
-//! - Buffers are allocated once per batch and reused by every layer.
+//! - Buffers are reused by every layer, and kept by the thread for its next pass (`reuse.rs`).
 //!
 //! The weights are copied out of the safetensors map into plain `Vec<f32>` in the master before
 //! fork, so every worker shares them copy-on-write.
@@ -21,6 +21,7 @@
 use super::architecture::{mpnet_bucket, EncoderConfig, Family, HiddenAct, MPNET_BUCKETS};
 use super::kernels::{gelu_erf, gelu_tanh, layer_norm, matmul, relu, silu, softmax, MatRef};
 use super::linear::{Linear, Precision};
+use super::reuse;
 use super::weights::RawWeights;
 use rayon::prelude::*;
 
@@ -320,12 +321,13 @@ impl FastEncoder {
         self.embed_tokens(sentences, &mut x)?;
 
         let inter = self.layers.first().map_or(0, |l| l.intermediate.outputs);
-        let mut qkv = vec![0f32; total * 3 * h];
-        let mut context = vec![0f32; total * h];
-        let mut projected = vec![0f32; total * h];
-        let mut intermediate = vec![0f32; total * inter];
+        // Kept by the thread from pass to pass (`reuse`); `x` is handed out with the result.
+        let mut qkv = reuse::buffer(total * 3 * h);
+        let mut context = reuse::buffer(total * h);
+        let mut projected = reuse::buffer(total * h);
+        let mut intermediate = reuse::buffer(total * inter);
         let longest = sentences.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut scores = vec![0f32; longest * longest];
+        let mut scores = reuse::buffer(longest * longest);
         for layer in &self.layers {
             // A pass over many tokens may outlast the master's `timeout`; each layer is a step.
             crate::busy::progressed();
@@ -356,6 +358,9 @@ impl FastEncoder {
                 .output_norm
                 .rows(&mut projected[..rows], Some(&x[..rows]), h, self.eps);
             std::mem::swap(&mut x, &mut projected);
+        }
+        for buffer in [qkv, context, projected, intermediate, scores] {
+            reuse::give_back(buffer);
         }
         x.truncate(total * h);
         Ok(x)

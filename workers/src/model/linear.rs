@@ -1,18 +1,22 @@
 //! The linear layers of the forward pass: weights packed once at load (in the master, before
 //! fork, so every worker shares them), and the products `x · Wᵀ + b` over them.
 //!
-//! Two ways to run a product, chosen by the size of its input (`FEW_ROWS_INPUTS`):
+//! Three ways to run a product, chosen by the CPU and the number of rows (`FEW_ROWS`):
 //! - **Few rows** (a short request: one sentence is ~10 rows): `few_rows_product`, a register
 //!   tile over each panel that streams the weights once, with the next block prefetched while
 //!   the current one is computed. Such a product is bound by reading the weights from memory
 //!   (they do not fit the cache), and gemm's tiling for large products left it waiting.
-//! - **Many rows**: gemm, panel by panel, over chunks of rows that stay in L2.
+//! - **Many rows** (a batch): `many_rows.rs`, 6 × 16 register tiles over row blocks that stay
+//!   in L2. Both kernels add the same products in the same order: a row's result does not
+//!   depend on the route, nor on the rows it is computed with.
+//! - **gemm**, on CPUs without AVX2, FMA and F16C, panel by panel over chunks of rows.
 //!
 //! The weights are kept as f32, or as f16 with `model.precision = "f16"`: half the bytes to
 //! read per token, widened to f32 in registers (F16C) or a block at a time, so every product
 //! still computes in f32.
 
 use super::kernels::{matmul, MatRef};
+use super::many_rows::{self, Strips};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -47,15 +51,16 @@ impl Precision {
 
 /// Outputs per panel: one 128-byte row per input (two cache lines, read in order); wide enough
 /// for gemm's widest micro-kernel (16 columns with AVX2, 32 with AVX-512) to run full.
-const PANEL: usize = 32;
+pub const PANEL: usize = 32;
 
-/// Up to this many input values (rows × inputs, 192 KiB) a product runs `few_rows_product`,
-/// above it gemm. The few-rows kernel reads its input rows again for every panel, gemm packs
-/// them once, so the crossing point moves with the input's size. Measured by
-/// `packed_product_speed` (weights out of cache): with 384 inputs the few-rows kernel took
-/// 0.6-0.8x gemm's time up to 64 rows and about the same at 128, 1.3x at 256; with 1,536
-/// inputs 0.6-0.85x up to 48 rows, 1.1x at 64.
-const FEW_ROWS_INPUTS: usize = 128 * 384;
+/// Up to this many rows a product runs `few_rows_product`, above it the many-rows kernel
+/// (where the CPU has AVX2, FMA and F16C). Both give the same bits, so this only sets the
+/// speed. Measured by `packed_product_speed` (weights out of cache): the few-rows kernel took
+/// 0.6x and 0.8x the many-rows kernel's time at 32 rows of 384 and 1,536 inputs, 1.1x and
+/// 1.0x at 48, 1.1x at 64 and 128; end to end (`bench/ort.py`'s requests, side by side),
+/// switching at 40 rows instead of 128 took 0.93x the time for 8 sentences (79 rows) and
+/// 0.80x for 12.
+const FEW_ROWS: usize = 40;
 
 /// A weight matrix packed once at load into panels of `PANEL` outputs: panel `p` holds
 /// outputs `p·PANEL..` as a row-major `[in, PANEL]` block (the last one narrower), so the
@@ -277,19 +282,18 @@ impl Linear {
         dst: &mut [f32],
         dst_stride: usize,
     ) {
-        for r in 0..rows {
-            dst[r * dst_stride..r * dst_stride + (to - from)].copy_from_slice(&self.bias[from..to]);
-        }
-        let route = match rows * self.inputs <= FEW_ROWS_INPUTS && few_rows_available() {
-            true => Route::FewRows,
-            false => Route::Gemm {
+        let route = match (few_rows_available(), rows <= FEW_ROWS) {
+            (true, true) => Route::FewRows,
+            (true, false) => Route::ManyRows,
+            (false, _) => Route::Gemm {
                 chunk: chunk_rows(self.inputs),
             },
         };
         self.panels_by(x, rows, from, to, dst, dst_stride, route);
     }
 
-    /// The product of the panels `from..to` by the given route.
+    /// Outputs `from..to` (on panel boundaries), `x · Wᵀ + b`, by the given route, into `dst`
+    /// as `panels_into`.
     #[allow(clippy::too_many_arguments)]
     fn panels_by(
         &self,
@@ -304,6 +308,16 @@ impl Linear {
         let k = self.inputs;
         let weights = self.weights();
         let mut scratch = Vec::new();
+        // The few-rows and gemm kernels add to `dst`: it starts as the bias. The many-rows
+        // kernel starts from the bias itself, but for a narrow last panel.
+        let bias_from = match route {
+            Route::ManyRows => from + (to - from) / PANEL * PANEL,
+            _ => from,
+        };
+        for r in 0..rows {
+            let row = &mut dst[r * dst_stride..r * dst_stride + (to - from)];
+            row[bias_from - from..].copy_from_slice(&self.bias[bias_from..to]);
+        }
         match route {
             Route::FewRows => {
                 let grouped = Grouped::new(x, rows, k, tile_height(weights, rows));
@@ -315,6 +329,53 @@ impl Linear {
                     };
                     let dst = &mut dst[first - from..];
                     few_rows_product(x, &grouped, rows, panel, dst, dst_stride, &mut scratch);
+                }
+            }
+            Route::ManyRows => {
+                let strips = Strips::new(x, rows, k);
+                for s0 in (0..strips.count()).step_by(many_rows::BLOCK_STRIPS) {
+                    let strips_in_block = (s0, strips.count().min(s0 + many_rows::BLOCK_STRIPS));
+                    for k0 in (0..k).step_by(many_rows::K_BLOCK) {
+                        let steps = many_rows::K_BLOCK.min(k - k0);
+                        for (first, width) in self.panel_spans(from, to) {
+                            if width != PANEL {
+                                continue; // below, over all rows at once
+                            }
+                            let at = first * k + k0 * PANEL;
+                            let block = weights.f32s(at, steps * PANEL, &mut scratch);
+                            // Read by the next panel at these steps; none past this share.
+                            let next = match first + PANEL < to {
+                                true => weights.bytes_from((first + PANEL) * k + k0 * PANEL),
+                                false => &[],
+                            };
+                            let next = &next[..next.len().min(std::mem::size_of_val(block))];
+                            let start = match k0 {
+                                0 => self.bias[first..].first_chunk::<PANEL>(),
+                                _ => None,
+                            };
+                            many_rows::block_product(
+                                &strips,
+                                strips_in_block,
+                                k0,
+                                bytemuck::cast_slice(block),
+                                start,
+                                next,
+                                &mut dst[first - from..],
+                                dst_stride,
+                            );
+                        }
+                    }
+                }
+                if let Some((first, width)) = self.panel_spans(from, to).last() {
+                    if width != PANEL {
+                        let panel = Panel {
+                            weights: weights.from(first * k),
+                            k,
+                            width,
+                        };
+                        let dst = &mut dst[first - from..];
+                        narrow_product(x, rows, panel, dst, dst_stride, &mut scratch);
+                    }
                 }
             }
             // Each chunk of rows stays in L2 while every panel passes over it (a panel call
@@ -339,7 +400,11 @@ impl Linear {
 #[derive(Clone, Copy)]
 enum Route {
     FewRows,
-    Gemm { chunk: usize },
+    ManyRows,
+    /// Where the CPU lacks AVX2, FMA or F16C.
+    Gemm {
+        chunk: usize,
+    },
 }
 
 /// Input rows per chunk of a gemm product: about 768 KiB of activations (most of a 1 MiB
@@ -458,6 +523,28 @@ fn few_rows_product(
     unreachable!("the few-rows route is chosen only on a CPU with AVX2, FMA and F16C");
 }
 
+/// The narrow last panel of a matrix (outputs not a multiple of `PANEL`), row by row, for
+/// the many-rows route: the same computation as the few-rows route's, so both give the same
+/// bits. With AVX2, FMA and F16C, like `few_rows_product`.
+fn narrow_product(
+    x: &[f32],
+    rows: usize,
+    panel: Panel,
+    dst: &mut [f32],
+    dst_stride: usize,
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if few_rows_available() {
+        // SAFETY: the function is compiled for AVX2, FMA and F16C, and the CPU has them
+        // (checked just above); it is otherwise safe code.
+        unsafe { avx2::narrow_panel_product(x, rows, panel, dst, dst_stride, scratch) };
+        return;
+    }
+    let _ = (x, rows, panel, dst, dst_stride, scratch);
+    unreachable!("the many-rows route is chosen only on a CPU with AVX2, FMA and F16C");
+}
+
 /// The few-rows kernel, written with AVX2 intrinsics: left to the auto-vectoriser, the same
 /// loops compiled into code whose speed changed 4x with the loop order (measured by
 /// `hot_product_speed`), as register allocation spilled accumulators or not.
@@ -540,7 +627,7 @@ mod avx2 {
     /// The narrow last panel of a matrix whose outputs are not a multiple of `PANEL`, row by
     /// row (one such panel at most per matrix).
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn narrow_panel_product(
+    pub(super) fn narrow_panel_product(
         x: &[f32],
         rows: usize,
         panel: Panel,
@@ -674,7 +761,7 @@ mod avx2 {
 /// (the last block's next lies beyond the matrix: memory the product will not read, maybe
 /// not even mapped).
 #[inline(always)]
-fn prefetch(data: &[u8], at: usize) {
+pub(super) fn prefetch(data: &[u8], at: usize) {
     #[cfg(target_arch = "x86_64")]
     if let Some(byte) = data.get(at) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -717,7 +804,7 @@ mod tests {
             chunk: chunk_rows(k),
         }];
         if few_rows_available() {
-            routes.push(Route::FewRows);
+            routes.extend([Route::FewRows, Route::ManyRows]);
         }
         routes
     }
@@ -725,9 +812,6 @@ mod tests {
     fn run(linear: &Linear, x: &[f32], rows: usize, route: Route) -> Vec<f32> {
         let n = linear.outputs;
         let mut got = vec![f32::NAN; rows * n];
-        for r in 0..rows {
-            got[r * n..(r + 1) * n].copy_from_slice(&linear.bias);
-        }
         linear.panels_by(x, rows, 0, n, &mut got, n, route);
         got
     }
@@ -738,7 +822,15 @@ mod tests {
     /// definition is computed from the rounded weights: only the storage differs.
     #[test]
     fn packed_products_equal_the_definition() {
-        for (k, n) in [(32, 96), (40, 37), (24, 300), (384, 1152), (300, 64)] {
+        // (800, 70): more steps than the many-rows kernel's block, and a narrow last panel.
+        for (k, n) in [
+            (32, 96),
+            (40, 37),
+            (24, 300),
+            (384, 1152),
+            (300, 64),
+            (800, 70),
+        ] {
             let w: Vec<f32> = (0..k * n)
                 .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 997.0)
                 .collect();
@@ -751,7 +843,8 @@ mod tests {
                 let linear = Linear::from_torch(&w, bias.clone(), k, n)
                     .in_precision(precision)
                     .unwrap();
-                for rows in [1, 2, 3, 4, 5, 7, 8, 9, 13, 17, 40] {
+                // 127: more than one block of strips, the last strip not full.
+                for rows in [1, 2, 3, 4, 5, 7, 8, 9, 13, 17, 40, 127] {
                     let x: Vec<f32> = (0..rows * k)
                         .map(|i| ((i * 104_729 % 613) as f32 - 300.0) / 611.0)
                         .collect();
@@ -767,6 +860,7 @@ mod tests {
                     for route in routes(k) {
                         let how = match route {
                             Route::FewRows => "few rows",
+                            Route::ManyRows => "many rows",
                             Route::Gemm { .. } => "gemm",
                         };
                         check(&run(&linear, &x, rows, route), how);
@@ -784,28 +878,51 @@ mod tests {
     /// A row's result does not depend on the other rows it is computed with (a sentence's
     /// vector must not depend on which requests shared its pass): each row alone against the
     /// same row inside 2 to 200 rows, by the route each count takes (both sides of
-    /// `FEW_ROWS_INPUTS`).
+    /// `FEW_ROWS`). With the AVX2 kernels the bits are the same; gemm (other CPUs)
+    /// may round differently.
     #[test]
     fn a_row_does_not_depend_on_its_neighbours() {
-        let (k, n) = (384, 96);
+        // 800 inputs: more than one block of steps for either kernel; 70 outputs: a narrow
+        // last panel.
+        let (k, n) = (800, 70);
         let w: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0)
+            .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 997.0)
             .collect();
-        let linear = Linear::from_torch(&w, vec![0.25; n], k, n);
         let x: Vec<f32> = (0..200 * k)
-            .map(|i| ((i * 13 % 101) as f32 - 50.0) / 51.0)
+            .map(|i| ((i * 104_729 % 613) as f32 - 300.0) / 611.0)
             .collect();
-        let mut alone = vec![0f32; n];
-        linear.forward(&x[..k], 1, &mut alone, 1);
-        for rows in [2, 3, 4, 9, 40, 127, 128, 129, 200] {
-            let mut together = vec![0f32; rows * n];
-            linear.forward(&x, rows, &mut together, 1);
-            let worst = alone
-                .iter()
-                .zip(&together[..n])
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(worst <= 1e-5, "rows {rows}: row 0 moved by {worst}");
+        for precision in [Precision::F32, Precision::F16] {
+            let linear = Linear::from_torch(&w, vec![0.25; n], k, n)
+                .in_precision(precision)
+                .unwrap();
+            let alone: Vec<Vec<f32>> = x
+                .chunks_exact(k)
+                .map(|row| {
+                    let mut out = vec![0f32; n];
+                    linear.forward(row, 1, &mut out, 1);
+                    out
+                })
+                .collect();
+            // Both sides of FEW_ROWS (40), several blocks of strips (120 rows each).
+            for rows in [2, 3, 4, 9, 40, 41, 127, 200] {
+                let mut together = vec![0f32; rows * n];
+                linear.forward(&x, rows, &mut together, 1);
+                // Relative to the output's size (up to ~10 here).
+                let worst = together
+                    .chunks_exact(n)
+                    .zip(&alone)
+                    .flat_map(|(t, a)| {
+                        t.iter()
+                            .zip(a)
+                            .map(|(t, a)| (t - a).abs() / (1.0 + a.abs()))
+                    })
+                    .fold(0f32, f32::max);
+                let bound = if few_rows_available() { 0.0 } else { 1e-5 };
+                assert!(
+                    worst <= bound,
+                    "{precision:?}, rows {rows}: moved by {worst}"
+                );
+            }
         }
     }
 
@@ -931,7 +1048,7 @@ mod tests {
                 .collect()
         };
         let (f32s, f16s) = (layers(Precision::F32), layers(Precision::F16));
-        for rows in [1, 4, 9, 16, 32, 48, 64, 128, 256] {
+        for rows in [1, 4, 9, 16, 32, 48, 64, 128, 256, 512] {
             let x: Vec<f32> = (0..rows * k).map(|i| (i % 7) as f32 / 7.0).collect();
             let mut out = vec![0f32; rows * n];
             let gemm = Route::Gemm {
@@ -940,8 +1057,10 @@ mod tests {
             let variants = [
                 ("gemm f32", &f32s, gemm),
                 ("few-rows f32", &f32s, Route::FewRows),
+                ("many-rows f32", &f32s, Route::ManyRows),
                 ("gemm f16", &f16s, gemm),
                 ("few-rows f16", &f16s, Route::FewRows),
+                ("many-rows f16", &f16s, Route::ManyRows),
             ];
             let mut times = vec![Vec::new(); variants.len()];
             for _ in 0..9 {

@@ -13,7 +13,9 @@ mod fast;
 mod files;
 pub mod kernels;
 pub mod linear;
+mod many_rows;
 mod pooling;
+mod reuse;
 mod tokenizer;
 mod weights;
 
