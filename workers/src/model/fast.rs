@@ -19,7 +19,10 @@
 //! fork, so every worker shares them copy-on-write.
 
 use super::architecture::{mpnet_bucket, EncoderConfig, Family, HiddenAct, MPNET_BUCKETS};
-use super::kernels::{gelu_erf, gelu_tanh, layer_norm, matmul, relu, silu, softmax, MatRef};
+use super::kernels::{
+    attention_scores, attention_values, gelu_erf, gelu_tanh, layer_norm, matmul, relu, silu,
+    softmax, MatRef,
+};
 use super::linear::{Linear, Precision};
 use super::reuse;
 use super::weights::RawWeights;
@@ -327,7 +330,8 @@ impl FastEncoder {
         let mut projected = reuse::buffer(total * h);
         let mut intermediate = reuse::buffer(total * inter);
         let longest = sentences.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut scores = reuse::buffer(longest * longest);
+        // The scores of the longest sentence, and room for K transposed (`short_attention`).
+        let mut scores = reuse::buffer(longest * longest + longest * h / self.heads.max(1));
         for layer in &self.layers {
             // A pass over many tokens may outlast the master's `timeout`; each layer is a step.
             crate::busy::progressed();
@@ -383,6 +387,11 @@ impl FastEncoder {
         let mut start = 0;
         for ids in sentences {
             let n = ids.len();
+            if n <= SHORT_ATTENTION {
+                self.short_attention(&qkv[start * stride..], n, &mut context[start * h..], scores);
+                start += n;
+                continue;
+            }
             for head in 0..self.heads {
                 let q = MatRef::new(&qkv[start * stride + head * d..], n, d, stride, 1);
                 // Kᵀ: element (c, j) is K[j][c].
@@ -414,6 +423,41 @@ impl FastEncoder {
                 );
             }
             start += n;
+        }
+    }
+}
+
+/// Up to this many tokens a sentence's attention runs `kernels::attention_scores` and
+/// `attention_values`, above it gemm (whose packing pays off on longer sentences).
+const SHORT_ATTENTION: usize = 64;
+
+impl FastEncoder {
+    /// `attention` for one short sentence of `n` tokens (`SHORT_ATTENTION`): its rows of the
+    /// packed `[tokens, 3·hidden]` buffer in, its rows of `context` out. `scratch` holds
+    /// `n² + n·d` values: the scores, then K transposed.
+    fn short_attention(&self, qkv: &[f32], n: usize, context: &mut [f32], scratch: &mut [f32]) {
+        let h = self.hidden;
+        let d = h / self.heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let stride = 3 * h;
+        let (scores, kt) = scratch.split_at_mut(n * n);
+        for head in 0..self.heads {
+            let (q, k, v) = (
+                &qkv[head * d..],
+                &qkv[h + head * d..],
+                &qkv[2 * h + head * d..],
+            );
+            attention_scores(q, k, stride, n, d, scale, kt, scores);
+            for (r, row) in scores.chunks_exact_mut(n).enumerate() {
+                if let Some(bias) = &self.relative_bias {
+                    let from = bias.span - r;
+                    row.iter_mut()
+                        .zip(&bias.by_head[head][from..from + n])
+                        .for_each(|(s, b)| *s += b);
+                }
+                softmax(row);
+            }
+            attention_values(scores, v, stride, n, d, &mut context[head * d..], h);
         }
     }
 }
