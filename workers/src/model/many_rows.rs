@@ -221,7 +221,7 @@ mod avx2 {
         for at in (0..next.len()).step_by(64) {
             prefetch(next, at);
         }
-        for (w, x) in block.iter().zip(inputs) {
+        let step = |acc: &mut [[__m256; 2]; STRIP], w: &[f32; PANEL], x: &[f32; STRIP]| {
             let mut lanes = [[0f32; 8]; 2];
             lanes[0].copy_from_slice(&w[at..at + 8]);
             lanes[1].copy_from_slice(&w[at + 8..at + 16]);
@@ -231,6 +231,18 @@ mod avx2 {
                 acc[r][0] = _mm256_fmadd_ps(a, w[0], acc[r][0]);
                 acc[r][1] = _mm256_fmadd_ps(a, w[1], acc[r][1]);
             }
+        };
+        // Two steps per iteration: one step was 23 instructions, 3 of them the loop's own.
+        // Measured end to end, side by side: 0.96-0.97x the time at 32 and 128 sentences
+        // (four steps: within the noise of two).
+        let pairs = block.chunks_exact(2).zip(inputs.chunks_exact(2));
+        for (w, x) in pairs {
+            step(&mut acc, &w[0], &x[0]);
+            step(&mut acc, &w[1], &x[1]);
+        }
+        if block.len() % 2 == 1 {
+            let last = block.len() - 1;
+            step(&mut acc, &block[last], &inputs[last]);
         }
         for r in 0..rows {
             let row: [f32; 16] = bytemuck::cast(acc[r]);
