@@ -333,6 +333,12 @@ impl Linear {
             }
             Route::ManyRows => {
                 let strips = Strips::new(x, rows, k);
+                // f16 weights widened a block at a time, into 64-byte aligned memory (in a
+                // plain Vec every other 32-byte load of the tiles straddled two cache lines).
+                let mut widened = Aligned::<f32>::new(match weights {
+                    Weights::F32(_) => 0,
+                    Weights::F16(_) => many_rows::K_BLOCK.min(k) * PANEL,
+                });
                 for s0 in (0..strips.count()).step_by(many_rows::BLOCK_STRIPS) {
                     let strips_in_block = (s0, strips.count().min(s0 + many_rows::BLOCK_STRIPS));
                     for k0 in (0..k).step_by(many_rows::K_BLOCK) {
@@ -341,8 +347,15 @@ impl Linear {
                             if width != PANEL {
                                 continue; // below, over all rows at once
                             }
-                            let at = first * k + k0 * PANEL;
-                            let block = weights.f32s(at, steps * PANEL, &mut scratch);
+                            let (at, len) = (first * k + k0 * PANEL, steps * PANEL);
+                            let block = match weights {
+                                Weights::F32(w) => &w[at..at + len],
+                                Weights::F16(w) => {
+                                    let wide = &mut widened.as_mut_slice()[..len];
+                                    w[at..at + len].convert_to_f32_slice(wide);
+                                    &*wide
+                                }
+                            };
                             // Read by the next panel at these steps; none past this share.
                             let next = match first + PANEL < to {
                                 true => weights.bytes_from((first + PANEL) * k + k0 * PANEL),
@@ -1025,7 +1038,7 @@ mod tests {
 
     /// The routes and precisions side by side, as in a forward pass where the weights are out
     /// of cache (40 matrices of 1.7 MB in f32 cycled, more than the caches; medians of 9
-    /// rounds, the four variants interleaved within each round): `cargo test --release -p
+    /// rounds, the six variants interleaved within each round): `cargo test --release -p
     /// forkserve-worker packed_product_speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
