@@ -32,8 +32,23 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Whether this CPU runs forkserve's own product kernels (`workers/src/model/linear.rs`).
+fn own_kernels() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The same sentence alone, and inside passes shared with other requests of other lengths
-/// (shorter and longer, one and many sentences): the same vector within 1e-5, and the passes
+/// (shorter and longer, one and many sentences): the same vector (the same bits with
+/// forkserve's own kernels, within 1e-5 with gemm's), and the passes
 /// really were shared (the /metrics histogram of requests per pass says so).
 #[test]
 fn a_sentence_vector_does_not_depend_on_its_pass_mates() {
@@ -78,9 +93,12 @@ fn a_sentence_vector_does_not_depend_on_its_pass_mates() {
             worst = worst.max(max_abs_diff(&v, &alone));
         }
     }
+    // Where the server runs its own product kernels (AVX2, FMA and F16C), every route adds
+    // the same products in the same order: the very same bits.
+    let bound = if own_kernels() { 0.0 } else { 1e-5 };
     assert!(
-        worst <= 1e-5,
-        "the probe's vector moved by {worst} depending on its pass"
+        worst <= bound,
+        "the probe's vector moved by {worst} depending on its pass (bound {bound})"
     );
     eprintln!("the probe's vector moved by at most {worst:.1e} across its passes");
 
