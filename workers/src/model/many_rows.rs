@@ -25,11 +25,13 @@ use super::reuse;
 /// Rows per strip (per register tile).
 pub const STRIP: usize = 6;
 
-/// Steps of the input per block: half a panel of 384 steps is 24 KiB of f32, which stays in
-/// L1 (32 KiB) while the strips pass over it.
-pub const K_BLOCK: usize = 384;
+/// Steps of the input per block: half a panel of 256 steps is 16 KiB of f32, which stays in
+/// L1 (32 KiB) with a strip's 6 KiB of inputs while the strips pass over it. With 384 steps
+/// (24 + 9 KiB) they did not both fit: 32 sentences took 1.06x the time in two side-by-side
+/// runs, 128 sentences 1.01-1.02x.
+pub const K_BLOCK: usize = 256;
 
-/// Strips per row block: 20 strips of 384 steps are 180 KiB, which stay in L2 (512 KiB)
+/// Strips per row block: 20 strips of 256 steps are 120 KiB, which stay in L2 (512 KiB)
 /// while every panel of weights passes over them.
 pub const BLOCK_STRIPS: usize = 20;
 
