@@ -428,7 +428,9 @@ impl FastEncoder {
 }
 
 /// Up to this many tokens a sentence's attention runs `kernels::attention_scores` and
-/// `attention_values`, above it gemm (whose packing pays off on longer sentences).
+/// `attention_values`, above it gemm. The short kernels were measured on sentences of ~10
+/// tokens (one sentence: 0.94x the time of gemm's attention, side by side); longer ones keep
+/// gemm, whose tiling and packing are made for large products.
 const SHORT_ATTENTION: usize = 64;
 
 impl FastEncoder {

@@ -325,6 +325,49 @@ pub fn matmul(
 mod tests {
     use super::*;
 
+    /// The short-sentence attention kernels against the definition (in f64), on strided
+    /// inputs as the packed Q, K, V buffer has them, for head sizes of 32 and 64.
+    #[test]
+    fn attention_kernels_equal_the_definition() {
+        for d in [32, 64] {
+            for n in [1, 2, 7, 10, 33, 64] {
+                let stride = 3 * d + 5; // rows further apart than a head, as in the pass
+                let value = |i: usize| ((i * 7919 % 613) as f32 - 306.0) / 307.0;
+                let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                    (0..n * stride).map(value).collect(),
+                    (0..n * stride).map(|i| value(i + 1)).collect(),
+                    (0..n * stride).map(|i| value(i + 2)).collect(),
+                );
+                let scale = 1.0 / (d as f32).sqrt();
+                let mut kt = vec![f32::NAN; n * d];
+                let mut scores = vec![f32::NAN; n * n];
+                attention_scores(&q, &k, stride, n, d, scale, &mut kt, &mut scores);
+                for i in 0..n {
+                    for j in 0..n {
+                        let dot: f64 = (0..d)
+                            .map(|c| q[i * stride + c] as f64 * k[j * stride + c] as f64)
+                            .sum();
+                        let want = dot * scale as f64;
+                        let got = scores[i * n + j] as f64;
+                        assert!((got - want).abs() < 1e-5, "d {d} n {n} ({i}, {j})");
+                    }
+                }
+                let out_stride = d + 3;
+                let mut out = vec![f32::NAN; n * out_stride];
+                attention_values(&scores, &v, stride, n, d, &mut out, out_stride);
+                for i in 0..n {
+                    for c in 0..d {
+                        let want: f64 = (0..n)
+                            .map(|j| scores[i * n + j] as f64 * v[j * stride + c] as f64)
+                            .sum();
+                        let got = out[i * out_stride + c] as f64;
+                        assert!((got - want).abs() < 1e-4, "d {d} n {n} ({i}, {c})");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn matmul_with_strides_and_accumulation() {
         // [1 2; 3 4] · [5 6; 7 8] = [19 22; 43 50]
