@@ -143,6 +143,16 @@ impl<'a> Weights<'a> {
         }
     }
 
+    /// Values `at..at + len` as bytes, cut at the end of the weights.
+    fn bytes(self, at: usize, len: usize) -> &'a [u8] {
+        let size = match self {
+            Weights::F32(_) => 4,
+            Weights::F16(_) => 2,
+        };
+        let bytes = self.bytes_from(at);
+        &bytes[..bytes.len().min(len * size)]
+    }
+
     /// The weights from value `at` on (none if `at` is past the end), as bytes.
     fn bytes_from(self, at: usize) -> &'a [u8] {
         match self {
@@ -331,66 +341,7 @@ impl Linear {
                     few_rows_product(x, &grouped, rows, panel, dst, dst_stride, &mut scratch);
                 }
             }
-            Route::ManyRows => {
-                let strips = Strips::new(x, rows, k);
-                // f16 weights widened a block at a time, into 64-byte aligned memory (in a
-                // plain Vec every other 32-byte load of the tiles straddled two cache lines).
-                let mut widened = Aligned::<f32>::new(match weights {
-                    Weights::F32(_) => 0,
-                    Weights::F16(_) => many_rows::K_BLOCK.min(k) * PANEL,
-                });
-                for s0 in (0..strips.count()).step_by(many_rows::BLOCK_STRIPS) {
-                    let strips_in_block = (s0, strips.count().min(s0 + many_rows::BLOCK_STRIPS));
-                    for k0 in (0..k).step_by(many_rows::K_BLOCK) {
-                        let steps = many_rows::K_BLOCK.min(k - k0);
-                        for (first, width) in self.panel_spans(from, to) {
-                            if width != PANEL {
-                                continue; // below, over all rows at once
-                            }
-                            let (at, len) = (first * k + k0 * PANEL, steps * PANEL);
-                            let block = match weights {
-                                Weights::F32(w) => &w[at..at + len],
-                                Weights::F16(w) => {
-                                    let wide = &mut widened.as_mut_slice()[..len];
-                                    w[at..at + len].convert_to_f32_slice(wide);
-                                    &*wide
-                                }
-                            };
-                            // Read by the next panel at these steps; none past this share.
-                            let next = match first + PANEL < to {
-                                true => weights.bytes_from((first + PANEL) * k + k0 * PANEL),
-                                false => &[],
-                            };
-                            let next = &next[..next.len().min(std::mem::size_of_val(block))];
-                            let start = match k0 {
-                                0 => self.bias[first..].first_chunk::<PANEL>(),
-                                _ => None,
-                            };
-                            many_rows::block_product(
-                                &strips,
-                                strips_in_block,
-                                k0,
-                                bytemuck::cast_slice(block),
-                                start,
-                                next,
-                                &mut dst[first - from..],
-                                dst_stride,
-                            );
-                        }
-                    }
-                }
-                if let Some((first, width)) = self.panel_spans(from, to).last() {
-                    if width != PANEL {
-                        let panel = Panel {
-                            weights: weights.from(first * k),
-                            k,
-                            width,
-                        };
-                        let dst = &mut dst[first - from..];
-                        narrow_product(x, rows, panel, dst, dst_stride, &mut scratch);
-                    }
-                }
-            }
+            Route::ManyRows => self.many_rows_panels(x, rows, from, to, dst, dst_stride),
             // Each chunk of rows stays in L2 while every panel passes over it (a panel call
             // over all rows re-read the whole input from memory for each 32 outputs).
             Route::Gemm { chunk } => {
@@ -405,6 +356,80 @@ impl Linear {
                         matmul(dst, dst_stride, 1, true, lhs, rhs, 1.0, 1);
                     }
                 }
+            }
+        }
+    }
+
+    /// `panels_by` on the many-rows route: for each block of strips, each block of steps and
+    /// each full panel, `many_rows::block_product`, starting from the bias on the first block
+    /// of steps; a narrow last panel row by row, after.
+    fn many_rows_panels(
+        &self,
+        x: &[f32],
+        rows: usize,
+        from: usize,
+        to: usize,
+        dst: &mut [f32],
+        dst_stride: usize,
+    ) {
+        let k = self.inputs;
+        let weights = self.weights();
+        let strips = Strips::new(x, rows, k);
+        // f16 weights widened a block at a time, into 64-byte aligned memory (in a plain Vec
+        // every other 32-byte load of the tiles straddled two cache lines).
+        let mut widened = Aligned::<f32>::new(match weights {
+            Weights::F32(_) => 0,
+            Weights::F16(_) => many_rows::K_BLOCK.min(k) * PANEL,
+        });
+        for s0 in (0..strips.count()).step_by(many_rows::BLOCK_STRIPS) {
+            let strips_in_block = (s0, strips.count().min(s0 + many_rows::BLOCK_STRIPS));
+            for k0 in (0..k).step_by(many_rows::K_BLOCK) {
+                let len = many_rows::K_BLOCK.min(k - k0) * PANEL;
+                for (first, width) in self.panel_spans(from, to) {
+                    if width != PANEL {
+                        continue; // below, over all rows at once
+                    }
+                    let at = first * k + k0 * PANEL;
+                    let block = match weights {
+                        Weights::F32(w) => &w[at..at + len],
+                        Weights::F16(w) => {
+                            let wide = &mut widened.as_mut_slice()[..len];
+                            w[at..at + len].convert_to_f32_slice(wide);
+                            &*wide
+                        }
+                    };
+                    // What the next panel reads at these steps (a prefetch hint: nothing past
+                    // this call's outputs).
+                    let next = match first + PANEL < to {
+                        true => weights.bytes(at + PANEL * k, len),
+                        false => &[],
+                    };
+                    let start = match k0 {
+                        0 => self.bias[first..].first_chunk::<PANEL>(),
+                        _ => None,
+                    };
+                    many_rows::block_product(
+                        &strips,
+                        strips_in_block,
+                        k0,
+                        bytemuck::cast_slice(block),
+                        start,
+                        next,
+                        &mut dst[first - from..],
+                        dst_stride,
+                    );
+                }
+            }
+        }
+        if let Some((first, width)) = self.panel_spans(from, to).last() {
+            if width != PANEL {
+                let panel = Panel {
+                    weights: weights.from(first * k),
+                    k,
+                    width,
+                };
+                let dst = &mut dst[first - from..];
+                narrow_product(x, rows, panel, dst, dst_stride, &mut Vec::new());
             }
         }
     }
