@@ -398,17 +398,7 @@ impl FastEncoder {
                 let kt = MatRef::new(&qkv[start * stride + h + head * d..], d, n, 1, stride);
                 let s = &mut scores[..n * n];
                 matmul(s, n, 1, false, q, kt, scale, 1);
-                for r in 0..n {
-                    let row = &mut s[r * n..(r + 1) * n];
-                    if let Some(bias) = &self.relative_bias {
-                        // Keys j = 0..n sit at distances j - r: a contiguous run of the table.
-                        let from = bias.span - r;
-                        row.iter_mut()
-                            .zip(&bias.by_head[head][from..from + n])
-                            .for_each(|(s, b)| *s += b);
-                    }
-                    softmax(row);
-                }
+                self.attention_weights(s, n, head);
                 let p = MatRef::new(&s[..], n, n, n, 1);
                 let v = MatRef::new(&qkv[start * stride + 2 * h + head * d..], n, d, stride, 1);
                 matmul(
@@ -425,15 +415,7 @@ impl FastEncoder {
             start += n;
         }
     }
-}
 
-/// Up to this many tokens a sentence's attention runs `kernels::attention_scores` and
-/// `attention_values`, above it gemm. The short kernels were measured on sentences of ~10
-/// tokens (one sentence: 0.94x the time of gemm's attention, side by side); longer ones keep
-/// gemm, whose tiling and packing are made for large products.
-const SHORT_ATTENTION: usize = 64;
-
-impl FastEncoder {
     /// `attention` for one short sentence of `n` tokens (`SHORT_ATTENTION`): its rows of the
     /// packed `[tokens, 3·hidden]` buffer in, its rows of `context` out. `scratch` holds
     /// `n² + n·d` values: the scores, then K transposed.
@@ -450,19 +432,32 @@ impl FastEncoder {
                 &qkv[2 * h + head * d..],
             );
             attention_scores(q, k, stride, n, d, scale, kt, scores);
-            for (r, row) in scores.chunks_exact_mut(n).enumerate() {
-                if let Some(bias) = &self.relative_bias {
-                    let from = bias.span - r;
-                    row.iter_mut()
-                        .zip(&bias.by_head[head][from..from + n])
-                        .for_each(|(s, b)| *s += b);
-                }
-                softmax(row);
-            }
+            self.attention_weights(scores, n, head);
             attention_values(scores, v, stride, n, d, &mut context[head * d..], h);
         }
     }
+
+    /// Attention scores `[n, n]` of head `head` into weights, row by row: MPNet's relative
+    /// position bias added, then softmax.
+    fn attention_weights(&self, scores: &mut [f32], n: usize, head: usize) {
+        for (r, row) in scores[..n * n].chunks_exact_mut(n).enumerate() {
+            if let Some(bias) = &self.relative_bias {
+                // Keys j = 0..n sit at distances j - r: a contiguous run of the table.
+                let from = bias.span - r;
+                row.iter_mut()
+                    .zip(&bias.by_head[head][from..from + n])
+                    .for_each(|(s, b)| *s += b);
+            }
+            softmax(row);
+        }
+    }
 }
+
+/// Up to this many tokens a sentence's attention runs `kernels::attention_scores` and
+/// `attention_values`, above it gemm. The short kernels were measured on sentences of ~10
+/// tokens (one sentence: 0.94x the time of gemm's attention, side by side); longer ones keep
+/// gemm, whose tiling and packing are made for large products.
+const SHORT_ATTENTION: usize = 64;
 
 /// Cut `sentences` into at most `parts` consecutive groups of about equal token counts.
 fn split_by_tokens<'a>(sentences: &'a [&'a [u32]], parts: usize) -> Vec<&'a [&'a [u32]]> {
