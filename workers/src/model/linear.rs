@@ -338,7 +338,12 @@ impl Linear {
                         width,
                     };
                     let dst = &mut dst[first - from..];
-                    few_rows_product(x, &grouped, rows, panel, dst, dst_stride, &mut scratch);
+                    match width {
+                        PANEL => {
+                            few_rows_product(&grouped, rows, panel, dst, dst_stride, &mut scratch)
+                        }
+                        _ => narrow_product(x, rows, panel, dst, dst_stride, &mut scratch),
+                    }
                 }
             }
             Route::ManyRows => self.many_rows_panels(x, rows, from, to, dst, dst_stride),
@@ -538,11 +543,10 @@ struct Panel<'a> {
 /// while every group of rows passes over them, and the block after is prefetched meanwhile.
 const K_BLOCK: usize = 128;
 
-/// `dst[r][0..width] += Σ_i x[r][i] · panel[i][0..width]` for every row `r` of `x`
-/// (`rows × k`, contiguous), with AVX2, FMA and F16C; the route is only chosen where the CPU has
+/// `dst[r][0..PANEL] += Σ_i x[r][i] · panel[i][0..PANEL]` for every row `r` of the inputs
+/// (in `grouped`'s layout; a full panel), with AVX2, FMA and F16C; the route is only chosen where the CPU has
 /// them (`few_rows_available`), and this checks again before entering code compiled for them.
 fn few_rows_product(
-    x: &[f32],
     grouped: &Grouped,
     rows: usize,
     panel: Panel,
@@ -554,16 +558,16 @@ fn few_rows_product(
     if few_rows_available() {
         // SAFETY: the function is compiled for AVX2, FMA and F16C, and the CPU has them
         // (checked just above); it is otherwise safe code.
-        unsafe { avx2::few_rows_product(x, grouped, rows, panel, dst, dst_stride, scratch) };
+        unsafe { avx2::few_rows_product(grouped, rows, panel, dst, dst_stride, scratch) };
         return;
     }
-    let _ = (x, grouped, rows, panel, dst, dst_stride, scratch);
+    let _ = (grouped, rows, panel, dst, dst_stride, scratch);
     unreachable!("the few-rows route is chosen only on a CPU with AVX2, FMA and F16C");
 }
 
 /// The narrow last panel of a matrix (outputs not a multiple of `PANEL`), row by row, for
-/// the many-rows route: the same computation as the few-rows route's, so both give the same
-/// bits. With AVX2, FMA and F16C, like `few_rows_product`.
+/// both AVX2 routes: one computation, so both give the same bits. With AVX2, FMA and F16C,
+/// like `few_rows_product`.
 fn narrow_product(
     x: &[f32],
     rows: usize,
@@ -602,7 +606,6 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn few_rows_product(
-        x: &[f32],
         grouped: &Grouped,
         rows: usize,
         panel: Panel,
@@ -610,10 +613,7 @@ mod avx2 {
         dst_stride: usize,
         scratch: &mut Vec<f32>,
     ) {
-        if panel.width != PANEL {
-            narrow_panel_product(x, rows, panel, dst, dst_stride, scratch);
-            return;
-        }
+        debug_assert_eq!(panel.width, PANEL, "a narrow panel runs narrow_product");
         let k = panel.k;
         let mut groups = Groups {
             grouped: &grouped.values,
