@@ -8,6 +8,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use forkserve_worker::model::linear::few_rows_available;
 use support::*;
 
 /// Sum of a metric's samples whose line contains `labels`.
@@ -30,20 +31,6 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
-}
-
-/// Whether this CPU runs forkserve's own product kernels (`workers/src/model/linear.rs`).
-fn own_kernels() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// The same sentence alone, and inside passes shared with other requests of other lengths
@@ -95,7 +82,7 @@ fn a_sentence_vector_does_not_depend_on_its_pass_mates() {
     }
     // Where the server runs its own product kernels (AVX2, FMA and F16C), every route adds
     // the same products in the same order: the very same bits.
-    let bound = if own_kernels() { 0.0 } else { 1e-5 };
+    let bound = if few_rows_available() { 0.0 } else { 1e-5 };
     assert!(
         worst <= bound,
         "the probe's vector moved by {worst} depending on its pass (bound {bound})"

@@ -459,8 +459,9 @@ fn chunk_rows(inputs: usize) -> usize {
 }
 
 /// The few-rows kernel is written for AVX2 with FMA and F16C (x86 CPUs since 2013-2015): elsewhere,
-/// gemm runs every product.
-fn few_rows_available() -> bool {
+/// gemm runs every product. Public for the tests that hold forkserve's own kernels to the same
+/// bits on every route (`tests/batching.rs`).
+pub fn few_rows_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")
