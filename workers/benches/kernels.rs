@@ -7,7 +7,9 @@
 //! Random weights: the subject is speed, not the model (accuracy is tests/reference.rs's job).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use forkserve_worker::model::kernels::{gelu_erf, layer_norm, softmax};
+use forkserve_worker::model::kernels::{
+    attention_scores, attention_values, gelu_erf, layer_norm, softmax,
+};
 use forkserve_worker::model::linear::Linear;
 use std::hint::black_box;
 
@@ -90,5 +92,50 @@ fn elementwise(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, linear, elementwise);
+/// A short sentence's attention, as the pass runs it: Q, K and V read in place from the packed
+/// `[tokens, 3·hidden]` buffer, every head's scores then its output.
+fn attention(c: &mut Criterion) {
+    let mut group = c.benchmark_group("attention");
+    const HEADS: usize = 12;
+    let d = HIDDEN / HEADS;
+    let stride = 3 * HIDDEN;
+    for n in [8, 10, 24] {
+        let qkv = values(n * stride, 10);
+        let mut scores = vec![0f32; n * n];
+        let mut kt = vec![0f32; n * d];
+        let mut context = vec![0f32; n * HIDDEN];
+        group.throughput(Throughput::Elements((HEADS * n * n) as u64));
+        group.bench_function(BenchmarkId::new("scores_and_values", n), |b| {
+            b.iter(|| {
+                for head in 0..HEADS {
+                    let at = head * d;
+                    let scale = 1.0 / (d as f32).sqrt();
+                    attention_scores(
+                        &qkv[at..],
+                        &qkv[HIDDEN + at..],
+                        stride,
+                        n,
+                        d,
+                        scale,
+                        &mut kt,
+                        &mut scores,
+                    );
+                    attention_values(
+                        &scores,
+                        &qkv[2 * HIDDEN + at..],
+                        stride,
+                        n,
+                        d,
+                        &mut context[at..],
+                        HIDDEN,
+                    );
+                }
+                black_box(&context);
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, linear, elementwise, attention);
 criterion_main!(benches);

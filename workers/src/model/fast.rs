@@ -331,7 +331,7 @@ impl FastEncoder {
         let mut intermediate = reuse::buffer(total * inter);
         let longest = sentences.iter().map(|s| s.len()).max().unwrap_or(0);
         // The scores of the longest sentence, and room for K transposed (`short_attention`).
-        let mut scores = reuse::buffer(longest * longest + longest * h / self.heads.max(1));
+        let mut scores = reuse::buffer(longest * longest + (longest + 7) * h / self.heads.max(1));
         for layer in &self.layers {
             // A pass over many tokens may outlast the master's `timeout`; each layer is a step.
             crate::busy::progressed();
@@ -418,7 +418,7 @@ impl FastEncoder {
 
     /// `attention` for one short sentence of `n` tokens (`SHORT_ATTENTION`): its rows of the
     /// packed `[tokens, 3·hidden]` buffer in, its rows of `context` out. `scratch` holds
-    /// `n² + n·d` values: the scores, then K transposed.
+    /// `n² + n·d` values: the scores, then room for K transposed (`attention_scores`).
     fn short_attention(&self, qkv: &[f32], n: usize, context: &mut [f32], scratch: &mut [f32]) {
         let h = self.hidden;
         let d = h / self.heads;
