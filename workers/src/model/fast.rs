@@ -23,7 +23,7 @@ use super::kernels::{
     attention_scores, attention_values, gelu_erf, gelu_tanh, layer_norm, matmul, relu, silu,
     softmax, MatRef,
 };
-use super::linear::{Linear, Precision};
+use super::linear::{prefetch, Linear, Precision};
 use super::reuse;
 use super::weights::RawWeights;
 use rayon::prelude::*;
@@ -425,7 +425,18 @@ impl FastEncoder {
         let scale = 1.0 / (d as f32).sqrt();
         let stride = 3 * h;
         let (scores, kt) = scratch.split_at_mut(n * n);
+        let rows: &[u8] = bytemuck::cast_slice(&qkv[..n * stride]);
         for head in 0..self.heads {
+            if head + 1 < self.heads {
+                for token in 0..n {
+                    for part in 0..3 {
+                        let from = 4 * (token * stride + part * h + (head + 1) * d);
+                        for at in (from..from + 4 * d).step_by(64) {
+                            prefetch(rows, at);
+                        }
+                    }
+                }
+            }
             let (q, k, v) = (
                 &qkv[head * d..],
                 &qkv[h + head * d..],
