@@ -67,7 +67,7 @@ struct EmbedTask {
     /// How many of `order` have been handed to a pass.
     next: usize,
     vectors: Vec<Vec<f32>>,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, ComputeError>>,
+    reply: oneshot::Sender<Result<Embedded, ComputeError>>,
     progress: Option<Progress>,
     /// When the request was queued for the compute thread; taken by its first pass, which
     /// counts the wait (`forkserve_queue_duration_seconds`).
@@ -223,19 +223,25 @@ impl Compute {
     {
         let _place = self.place()?;
         let queued_since = Instant::now();
-        let (tokenized_tx, tokenized) = oneshot::channel::<Result<usize, E>>();
+        // One wake-up of the I/O thread per request, at its answer: a tokenizer's error comes
+        // back through `refused`, sent before the job drops `reply` (which ends `embedded`).
+        // The I/O thread woken as soon as the tokens were counted interrupted the pass it was
+        // waiting for (a context switch mid-pass, or a wake-up of the other core).
+        let (refused_tx, refused) = oneshot::channel::<E>();
         let (reply, embedded) = oneshot::channel();
         let job: Job = Box::new(move |embedder| {
             let tokens = match tokenize(embedder) {
                 Ok(tokens) => tokens,
                 Err(e) => {
-                    let _ = tokenized_tx.send(Err(e));
+                    let _ = refused_tx.send(e);
                     return Next::Done;
                 }
             };
-            let _ = tokenized_tx.send(Ok(tokens.iter().map(Tokens::len).sum()));
             if tokens.is_empty() {
-                let _ = reply.send(Ok(Vec::new()));
+                let _ = reply.send(Ok(Embedded {
+                    vectors: Vec::new(),
+                    tokens: 0,
+                }));
                 return Next::Done;
             }
             let mut order: Vec<usize> = (0..tokens.len()).collect();
@@ -251,12 +257,15 @@ impl Compute {
             })
         });
         self.work.send(job).map_err(|_| ComputeError::Failed)?;
-        let tokens = match tokenized.await.map_err(|_| ComputeError::Failed)? {
-            Ok(tokens) => tokens,
-            Err(e) => return Ok(Err(e)),
-        };
-        let vectors = embedded.await.map_err(|_| ComputeError::Failed)??;
-        Ok(Ok(Embedded { vectors, tokens }))
+        match embedded.await {
+            Ok(embedded) => Ok(Ok(embedded?)),
+            // The job ended without an answer: the tokenizer refused the input, or the job
+            // panicked (then `refused` has nothing either).
+            Err(_) => match refused.await {
+                Ok(e) => Ok(Err(e)),
+                Err(_) => Err(ComputeError::Failed),
+            },
+        }
     }
 }
 
@@ -452,7 +461,11 @@ impl Runner {
         while t < tasks.len() {
             if tasks[t].finished() {
                 let task = tasks.swap_remove(t);
-                let _ = task.reply.send(Ok(task.vectors));
+                let tokens = task.tokens.iter().map(Tokens::len).sum();
+                let _ = task.reply.send(Ok(Embedded {
+                    vectors: task.vectors,
+                    tokens,
+                }));
             } else {
                 t += 1;
             }
