@@ -8,7 +8,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use forkserve_worker::model::kernels::{
-    attention_scores, attention_values, gelu_erf, layer_norm, softmax,
+    attention_scores, attention_values, gelu_erf, layer_norm, softmax, HeadRows,
 };
 use forkserve_worker::model::linear::Linear;
 use std::hint::black_box;
@@ -110,25 +110,16 @@ fn attention(c: &mut Criterion) {
                 for head in 0..HEADS {
                     let at = head * d;
                     let scale = 1.0 / (d as f32).sqrt();
-                    attention_scores(
-                        &qkv[at..],
-                        &qkv[HIDDEN + at..],
+                    let rows = HeadRows {
+                        q: &qkv[at..],
+                        k: &qkv[HIDDEN + at..],
+                        v: &qkv[2 * HIDDEN + at..],
                         stride,
                         n,
                         d,
-                        scale,
-                        &mut kt,
-                        &mut scores,
-                    );
-                    attention_values(
-                        &scores,
-                        &qkv[2 * HIDDEN + at..],
-                        stride,
-                        n,
-                        d,
-                        &mut context[at..],
-                        HIDDEN,
-                    );
+                    };
+                    attention_scores(rows, scale, &mut kt, &mut scores);
+                    attention_values(rows, &scores, &mut context[at..], HIDDEN);
                 }
                 black_box(&context);
             })

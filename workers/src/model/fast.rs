@@ -21,7 +21,7 @@
 use super::architecture::{mpnet_bucket, EncoderConfig, Family, HiddenAct, MPNET_BUCKETS};
 use super::kernels::{
     attention_scores, attention_values, gelu_erf, gelu_tanh, layer_norm, matmul, relu, silu,
-    softmax, MatRef,
+    softmax, HeadRows, MatRef,
 };
 use super::linear::{prefetch, Linear, Precision};
 use super::reuse;
@@ -442,14 +442,17 @@ impl FastEncoder {
                     }
                 }
             }
-            let (q, k, v) = (
-                &qkv[head * d..],
-                &qkv[h + head * d..],
-                &qkv[2 * h + head * d..],
-            );
-            attention_scores(q, k, stride, n, d, scale, kt, scores);
+            let head_rows = HeadRows {
+                q: &qkv[head * d..],
+                k: &qkv[h + head * d..],
+                v: &qkv[2 * h + head * d..],
+                stride,
+                n,
+                d,
+            };
+            attention_scores(head_rows, scale, kt, scores);
             self.attention_weights(scores, n, head);
-            attention_values(scores, v, stride, n, d, &mut context[head * d..], h);
+            attention_values(head_rows, scores, &mut context[head * d..], h);
         }
     }
 

@@ -55,52 +55,50 @@ pub fn softmax(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// One attention head of one sentence, read in place from the packed `[tokens, 3·hidden]`
+/// QKV buffer: token `i`'s query is `q[i·stride..][..d]`, its key `k[i·stride..][..d]`, its
+/// value `v[i·stride..][..d]`.
+#[derive(Clone, Copy)]
+pub struct HeadRows<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub stride: usize,
+    /// Tokens.
+    pub n: usize,
+    /// Values per token in this head.
+    pub d: usize,
+}
+
 /// One head's attention scores over one sentence of `n` tokens: `scores[i·n + j] = scale ·
-/// Σ_c q_i[c]·k_j[c]`, where `q_i = q[i·stride..][..d]` and `k_j = k[j·stride..][..d]`. For
-/// short sentences, in place of two gemm calls per head: on ~10 tokens a call's fixed costs
-/// outweighed its arithmetic (gemm's attention products took ~5 % of a pass, perf).
+/// Σ_c q_i[c]·k_j[c]`. For short sentences, in place of two gemm calls per head: on ~10
+/// tokens a call's fixed costs outweighed its arithmetic (gemm's attention products took ~5 %
+/// of a pass, perf).
 ///
 /// With AVX2 and FMA, and `d` a multiple of 8: eight dot products at a time in vector
 /// registers, reduced together (`avx2::scores`). The portable loops spent 5 % of a 32-sentence
 /// pass here, for 0.2 % of its arithmetic: loops over the ~10 keys of a row spend their time
 /// starting and ending, and the compiler turned dot products over `d` into half-empty vectors.
 /// `kt` (at least `n·d` values) is the portable loops' room for K transposed.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_scores(
-    q: &[f32],
-    k: &[f32],
-    stride: usize,
-    n: usize,
-    d: usize,
-    scale: f32,
-    kt: &mut [f32],
-    scores: &mut [f32],
-) {
+pub fn attention_scores(head: HeadRows<'_>, scale: f32, kt: &mut [f32], scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if d % 8 == 0 && crate::model::many_rows::available() {
+    if head.d % 8 == 0 && avx2_fma_available() {
         // SAFETY: the function is compiled for AVX2 and FMA, and the CPU has them (checked
         // just above); it is otherwise safe code.
-        unsafe { avx2::scores(q, k, stride, n, d, scale, scores) };
+        unsafe { avx2::scores(head, scale, scores) };
         return;
     }
-    portable_scores(q, k, stride, n, d, scale, kt, scores);
+    portable_scores(head, scale, kt, scores);
 }
 
 /// `attention_scores` on any CPU: each row a sum of K's columns (K transposed into `kt`)
 /// scaled by q's values.
-#[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn portable_scores(
-    q: &[f32],
-    k: &[f32],
-    stride: usize,
-    n: usize,
-    d: usize,
-    scale: f32,
-    kt: &mut [f32],
-    scores: &mut [f32],
-) {
+fn portable_scores<'a>(head: HeadRows<'a>, scale: f32, kt: &mut [f32], scores: &mut [f32]) {
     const FMA: bool = selected_target!().supports_feature_str("fma");
+    let HeadRows {
+        q, k, stride, n, d, ..
+    } = head;
     let kt = &mut kt[..d * n];
     for j in 0..n {
         for (c, &v) in k[j * stride..j * stride + d].iter().enumerate() {
@@ -118,22 +116,30 @@ fn portable_scores(
     }
 }
 
-/// One head's output over one sentence of `n` tokens: `out_i = Σ_j p[i·n + j] · v_j`, where
-/// `v_j = v[j·stride..][..d]` and `out_i = out[i·out_stride..][..d]`; the companion of
-/// `attention_scores`. Each output row is summed in registers, 32 values at a time, over all
-/// the keys before it is stored (read and written back for every key, it cost 2 % of a
-/// 32-sentence pass). Every value is the sum over the keys in order, from zero.
+/// Whether this CPU has AVX2 and FMA (x86 CPUs since 2013-2015), which forkserve's own
+/// intrinsics kernels are written for: the attention scores here, the many-rows product.
+pub fn avx2_fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One head's output over one sentence of `n` tokens: `out_i = Σ_j p[i·n + j] · v_j`, into
+/// `out[i·out_stride..][..d]`; the companion of `attention_scores`. Each output row is summed
+/// in registers, 32 values at a time, over all the keys before it is stored (read and written
+/// back for every key, it cost 2 % of a 32-sentence pass). Every value is the sum over the
+/// keys in order, from zero.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub fn attention_values(
-    p: &[f32],
-    v: &[f32],
-    stride: usize,
-    n: usize,
-    d: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
+pub fn attention_values<'a>(head: HeadRows<'a>, p: &[f32], out: &mut [f32], out_stride: usize) {
     const FMA: bool = selected_target!().supports_feature_str("fma");
+    let HeadRows {
+        v, stride, n, d, ..
+    } = head;
     for (i, weights) in p[..n * n].chunks_exact(n).enumerate() {
         let o = &mut out[i * out_stride..i * out_stride + d];
         let mut c = 0;
@@ -387,35 +393,33 @@ pub fn matmul(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::HeadRows;
     use std::arch::x86_64::{
         __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_hadd_ps, _mm256_mul_ps,
         _mm256_permute2f128_ps, _mm256_set1_ps, _mm256_setzero_ps,
     };
 
-    /// `attention_scores` for `d` a multiple of 8. For each query row, eight keys at a time:
-    /// eight dot products accumulate in eight registers, one FMA per vector of `d`, then
+    /// `attention_scores` for `d` a multiple of 8. Eight keys at a time, against every query
+    /// row: eight dot products accumulate in eight registers, one FMA per vector of `d`, then
     /// three rounds of pairwise adds leave the eight sums in one register. Past the last key,
     /// the block repeats it and drops those lanes: no branch inside.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn scores(
-        q: &[f32],
-        k: &[f32],
-        stride: usize,
-        n: usize,
-        d: usize,
-        scale: f32,
-        scores: &mut [f32],
-    ) {
+    pub(super) fn scores(head: HeadRows<'_>, scale: f32, scores: &mut [f32]) {
+        let HeadRows {
+            q, k, stride, n, d, ..
+        } = head;
         let scale = _mm256_set1_ps(scale);
-        for (i, row) in scores[..n * n].chunks_exact_mut(n).enumerate() {
-            let q_i = &q[i * stride..i * stride + d];
-            for (block, out) in row.chunks_mut(8).enumerate() {
-                // Where each lane's key starts (closures and `array::from_fn` here were not
-                // inlined into this AVX2 function: a third of its time, perf).
-                let mut starts = [0usize; 8];
-                for (lane, start) in starts.iter_mut().enumerate() {
-                    *start = (block * 8 + lane).min(n - 1) * stride;
-                }
+        let scores = &mut scores[..n * n];
+        for first in (0..n).step_by(8) {
+            // Where each lane's key starts (closures and `array::from_fn` here were not
+            // inlined into this AVX2 function: a third of its time, perf).
+            let mut starts = [0usize; 8];
+            for (lane, start) in starts.iter_mut().enumerate() {
+                *start = (first + lane).min(n - 1) * stride;
+            }
+            let keys = 8.min(n - first);
+            for (i, row) in scores.chunks_exact_mut(n).enumerate() {
+                let q_i = &q[i * stride..i * stride + d];
                 let mut sums = [_mm256_setzero_ps(); 8];
                 for c in (0..d).step_by(8) {
                     let x = load(&q_i[c..]);
@@ -437,7 +441,7 @@ mod avx2 {
                     _mm256_permute2f128_ps::<0x31>(low, high),
                 );
                 let lanes: [f32; 8] = bytemuck::cast(_mm256_mul_ps(total, scale));
-                out.copy_from_slice(&lanes[..out.len()]);
+                row[first..first + keys].copy_from_slice(&lanes[..keys]);
             }
         }
     }
@@ -471,9 +475,17 @@ mod tests {
                 let scale = 1.0 / (d as f32).sqrt();
                 let mut kt = vec![f32::NAN; d * n];
                 let mut scores = vec![f32::NAN; n * n];
-                attention_scores(&q, &k, stride, n, d, scale, &mut kt, &mut scores);
+                let head = HeadRows {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    stride,
+                    n,
+                    d,
+                };
+                attention_scores(head, scale, &mut kt, &mut scores);
                 let mut portable = vec![f32::NAN; n * n];
-                portable_scores(&q, &k, stride, n, d, scale, &mut kt, &mut portable);
+                portable_scores(head, scale, &mut kt, &mut portable);
                 for i in 0..n {
                     for j in 0..n {
                         let dot: f64 = (0..d)
@@ -490,7 +502,7 @@ mod tests {
                 }
                 let out_stride = d + 3;
                 let mut out = vec![f32::NAN; n * out_stride];
-                attention_values(&scores, &v, stride, n, d, &mut out, out_stride);
+                attention_values(head, &scores, &mut out, out_stride);
                 for i in 0..n {
                     for c in 0..d {
                         let want: f64 = (0..n)

@@ -122,16 +122,9 @@ pub fn block_product(
     unreachable!("the many-rows route is chosen only on a CPU with AVX2 and FMA");
 }
 
-/// Whether this CPU runs the kernel (AVX2 and FMA: x86 CPUs since 2013-2015).
+/// Whether this CPU runs the kernel (AVX2 and FMA).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::kernels::avx2_fma_available()
 }
 
 #[cfg(target_arch = "x86_64")]
