@@ -53,17 +53,24 @@ impl Strips {
         let count = rows.div_ceil(STRIP);
         let mut values = reuse::buffer(count * k * STRIP);
         let steps: &mut [[f32; STRIP]] = bytemuck::cast_slice_mut(&mut values);
-        for (r, row) in x[..rows * k].chunks_exact(k).enumerate() {
-            let strip = &mut steps[(r / STRIP) * k..(r / STRIP + 1) * k];
-            for (step, &v) in strip.iter_mut().zip(row) {
-                step[r % STRIP] = v;
-            }
-        }
-        // The missing rows of a last strip: zeros rather than what the buffer held (their
-        // results are never stored, but an old value could be a slow subnormal).
-        if rows % STRIP != 0 {
-            for step in &mut steps[(count - 1) * k..] {
-                step[rows % STRIP..].fill(0.0);
+        // Strip by strip, each step written whole from its rows: the writes go in order.
+        // Row by row, every step of a strip was written six times, a lane at a time: perf put
+        // the packing at 4.1 % of the tiles' cycles on 32 sentences, 2.9 % this way; end to
+        // end, side by side, 111.7 against 115.8 ms (8 and 128 sentences: within 1 %).
+        for (s, strip) in steps.chunks_exact_mut(k).enumerate() {
+            let x = &x[s * STRIP * k..rows * k];
+            if x.len() >= STRIP * k {
+                let r: [&[f32]; STRIP] = std::array::from_fn(|j| &x[j * k..][..strip.len()]);
+                for (i, step) in strip.iter_mut().enumerate() {
+                    *step = std::array::from_fn(|j| r[j][i]);
+                }
+            } else {
+                // The last strip, not full: the missing rows are zeros rather than what the
+                // buffer held (their results are never stored, but an old value could be a
+                // slow subnormal).
+                for (i, step) in strip.iter_mut().enumerate() {
+                    *step = std::array::from_fn(|j| x.get(j * k + i).copied().unwrap_or(0.0));
+                }
             }
         }
         Strips { values, rows, k }
