@@ -164,7 +164,7 @@ pub static SETTINGS: &[Setting] = &[
     setting("max_sentences", int(1, 100_000), Default::Int(512),
         "Most sentences in one embedding request (422 above).", &["--max-sentences"]),
     setting("max_batch_tokens", int(1, 1 << 20), Default::Int(8192),
-        "Tokens per forward pass; bounds a worker's activation memory: 4 x (6 x hidden + intermediate) bytes a token, so 8192 tokens = 120 MiB for all-MiniLM-L6-v2.",
+        "Tokens per forward pass; bounds a worker's activation memory: 4 x 6 x hidden bytes a token, plus one 480-row chunk of the feed-forward block (4 x 480 x intermediate bytes), so 8192 tokens = 75 MiB for all-MiniLM-L6-v2.",
         &["--max-batch-tokens"]),
     setting("max_queue", int(1, 100_000), Default::Int(64),
         "Requests that may wait for a worker's compute thread before new ones get 503 + Retry-After.",
