@@ -240,6 +240,8 @@ fn start(
         load_ms = loading.elapsed().as_millis() as u64,
         backend = config.model.backend.name(),
         precision = config.model.precision.name(),
+        // Which product kernels this CPU runs (gemm where it lacks AVX2, FMA and F16C).
+        kernels = forkserve_worker::model::linear::best_isa().map_or("gemm", |isa| isa.name()),
         architecture = %info.model_type,
         pooling = %info.pooling.join("+"),
         dimension = info.dimension,

@@ -82,7 +82,7 @@ pub struct HeadRows<'a> {
 /// `kt` (at least `n·d` values) is the portable loops' room for K transposed.
 pub fn attention_scores(head: HeadRows<'_>, scale: f32, kt: &mut [f32], scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if head.d % 8 == 0 && avx2_fma_available() {
+    if head.d.is_multiple_of(8) && avx2_fma_available() {
         // SAFETY: the function is compiled for AVX2 and FMA, and the CPU has them (checked
         // just above); it is otherwise safe code.
         unsafe { avx2::scores(head, scale, scores) };
