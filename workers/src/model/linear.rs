@@ -63,6 +63,11 @@ pub const PANEL: usize = 32;
 /// 1.0x at 48, 1.1x at 64 and 128; end to end (`bench/ort.py`'s requests, side by side),
 /// switching at 40 rows instead of 128 took 0.93x the time for 8 sentences (79 rows) and
 /// 0.80x for 12.
+///
+/// The same limit serves the AVX-512 kernels: on a Zen 5 core `packed_product_speed` put
+/// their few-rows kernel ahead up to 64 rows (0.88-0.96x the time) and even at 128, but end to
+/// end, side by side, switching at 96 rows took 1.11x and 1.17x the time at 8 and 12
+/// sentences.
 const FEW_ROWS: usize = 40;
 
 /// A weight matrix packed once at load into panels of `PANEL` outputs: panel `p` holds
