@@ -34,6 +34,15 @@ pub const STRIP: usize = 6;
 /// 32; 512 steps (32 KiB, all of L1) was slower than 384 (497 against 489 ms at 128).
 pub const K_BLOCK: usize = 384;
 
+/// Steps per block for `isa`'s kernel: the AVX-512 tiles take the whole panel (32 outputs)
+/// at once, so 192 steps make the same 24 KiB of weights in L1.
+pub fn k_block(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => K_BLOCK / 2,
+        Isa::Avx2 => K_BLOCK,
+    }
+}
+
 /// Strips per row block: 20 strips of 384 steps are 180 KiB, which stay in L2 (512 KiB)
 /// while every panel of weights passes over them. 40 strips: no faster at 32 and 128
 /// sentences (measured side by side, with 256 steps per block).
@@ -284,17 +293,12 @@ mod avx2 {
 
 /// The kernel for AVX-512: tiles of 6 rows × the whole panel (12 accumulators of its 32
 /// registers, two weight vectors per step), the same computation as the AVX2 kernel's on
-/// twice the lanes. The whole panel is 48 KiB at 384 steps, all of a Zen 4 or 5 L1, so the
-/// block goes in two halves of steps (24 KiB each) rather than of outputs: every strip passes
-/// over the first half, then over the second, which goes on from the first's sums in `dst`.
+/// twice the lanes, over blocks of half as many steps (`k_block`), the same 24 KiB.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::super::linear::prefetch;
     use super::{Strips, PANEL, STRIP};
     use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_set1_ps};
-
-    /// Steps per sub-block: 192 steps of a panel are 24 KiB.
-    const SUB_STEPS: usize = 192;
 
     type Row = [__m512; PANEL / 16];
 
@@ -310,26 +314,15 @@ mod avx512 {
         dst: &mut [f32],
         dst_stride: usize,
     ) {
-        let subs = block.len().div_ceil(SUB_STEPS);
         // Each tile prefetches an even share of the next block (as in the AVX2 kernel).
-        let tiles = subs * (last - first);
-        let share = next.len().div_ceil(tiles).next_multiple_of(64);
-        let share_of = |tile: usize| {
-            let from = (tile * share).min(next.len());
-            &next[from..next.len().min(from + share)]
-        };
-        for sub in 0..subs {
-            let steps = sub * SUB_STEPS..block.len().min((sub + 1) * SUB_STEPS);
-            let weights = &block[steps.clone()];
-            // The bias starts the first half only; the second goes on from `dst`.
-            let start = if sub == 0 { start } else { None };
-            for s in first..last {
-                let inputs = strips.steps(s, k0 + steps.start, weights.len());
-                let rows = STRIP.min(strips.rows - s * STRIP);
-                let dst = &mut dst[s * STRIP * dst_stride..];
-                let share = share_of(sub * (last - first) + s - first);
-                tile(weights, inputs, rows, start, share, dst, dst_stride);
-            }
+        let share = next.len().div_ceil(last - first).next_multiple_of(64);
+        for s in first..last {
+            let inputs = strips.steps(s, k0, block.len());
+            let rows = STRIP.min(strips.rows - s * STRIP);
+            let dst = &mut dst[s * STRIP * dst_stride..];
+            let from = ((s - first) * share).min(next.len());
+            let share = &next[from..next.len().min(from + share)];
+            tile(block, inputs, rows, start, share, dst, dst_stride);
         }
     }
 
