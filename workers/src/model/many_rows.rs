@@ -10,8 +10,8 @@
 //! How:
 //! - The input rows are packed once per product into strips of `STRIP` rows, their values
 //!   interleaved step by step (`Strips`); every panel of weights reads them from there.
-//! - A register tile of 6 rows × 16 outputs: 12 accumulators, two weight vectors and one
-//!   broadcast input per row and step. Half a panel of weights (16 outputs × `K_BLOCK`
+//! - A register tile of 6 rows × 16 outputs (6 × 32 with AVX-512): 12 accumulators, two
+//!   weight vectors and one broadcast input per row and step. Half a panel of weights (16 outputs × `K_BLOCK`
 //!   steps) stays in L1 while every strip passes over it; the strips of a row block
 //!   (`BLOCK_STRIPS`) stay in L2 while every panel passes over them. Each tile prefetches a
 //!   share of the next panel's weights, and the outputs of the next strip.
