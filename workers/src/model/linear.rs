@@ -1114,7 +1114,9 @@ mod tests {
     /// definition is computed from the rounded weights: only the storage differs.
     #[test]
     fn packed_products_equal_the_definition() {
-        // (800, 70): more steps than the many-rows kernel's block, and a narrow last panel.
+        // (800, 70): more steps than the many-rows kernel's block, and a narrow last panel;
+        // (37, 64) and (577, 33): an odd number of steps in a block (the tiles take two at a
+        // time), and a last block of one step on AVX-512 (577 = 3 x 192 + 1).
         for (k, n) in [
             (32, 96),
             (40, 37),
@@ -1122,6 +1124,8 @@ mod tests {
             (384, 1152),
             (300, 64),
             (800, 70),
+            (37, 64),
+            (577, 33),
         ] {
             let w: Vec<f32> = (0..k * n)
                 .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 997.0)
