@@ -299,13 +299,25 @@ fn usr1_reopens_the_log_file_in_master_and_workers() {
 
 #[test]
 fn a_worker_over_max_worker_memory_is_recycled_gracefully() {
-    // A worker idles at ~5 MiB; clustering 3,000 sentences holds ~100 MiB for ~10 s, past
-    // the 40 MiB limit for more than 3 samples: the worker is replaced, after it answers.
+    // A worker idles at ~5 MiB; clustering 900 sentences of ~100 tokens fills every forward
+    // pass to `max_batch_tokens` (~75 MiB of activations) for ~10 passes (9 s on a Zen 5 with
+    // AVX-512, which made 3,000 one-line sentences too quick for three 1 s samples): past
+    // the 40 MiB limit for more than 3 samples, the worker is replaced, after it answers.
     let server = Server::start(&config("workers = 1\nmax_worker_memory = \"40MiB\""), 1);
     let first = server.worker_pids();
     let load = Load::start(server.port, 1, None);
-    let sentences: Vec<String> = (0..3000)
-        .map(|i| format!("Sentence number {i} about topic {}", i % 37))
+    let words = [
+        "memory", "worker", "request", "sample", "limit", "replaced", "graceful",
+    ];
+    let sentences: Vec<String> = (0..900)
+        .map(|i| {
+            let filler: Vec<&str> = (0..80).map(|j| words[(i + j * 3) % words.len()]).collect();
+            format!(
+                "Sentence number {i} about topic {}: {}",
+                i % 37,
+                filler.join(" ")
+            )
+        })
         .collect();
     let big = server.post_json("/cluster", &json!({ "sentences": sentences }).to_string());
     assert_eq!(big.status, 200, "the large request itself is answered");
