@@ -197,9 +197,11 @@ fn a_long_pass_that_progresses_is_not_killed() {
     );
 }
 
-/// About two seconds of work on this machine: 256 distinct short sentences.
+/// Seconds of work: 1,500 distinct short sentences, ~2 s on a Zen 5 core with the AVX-512
+/// kernels (256 of them, the size before those kernels, took ~0.35 s, too close to the 0.2 s
+/// of CPU the test waits for before it stops the server).
 fn slow_body() -> String {
-    let sentences: Vec<String> = (0..256)
+    let sentences: Vec<String> = (0..1500)
         .map(|i| format!("sentence number {i} about walking dogs and speaking in public"))
         .collect();
     json!({ "sentences": sentences }).to_string()
@@ -243,7 +245,7 @@ fn sigterm_lets_the_request_in_flight_finish() {
         .iter()
         .map(|c| c.as_array().unwrap().len())
         .sum();
-    assert_eq!(clustered, 256);
+    assert_eq!(clustered, 1500);
     let status = server.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{}", server.log_text());
     assert!(server.log_text().contains("graceful stop"));
