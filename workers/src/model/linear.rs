@@ -65,8 +65,8 @@ pub const PANEL: usize = 32;
 /// 0.80x for 12.
 ///
 /// The same limit serves the AVX-512 kernels: on a Zen 5 core `packed_product_speed` put
-/// their few-rows kernel ahead up to 64 rows (0.88-0.96x the time) and even at 128, but end to
-/// end, side by side, switching at 96 rows took 1.11x and 1.17x the time at 8 and 12
+/// their few-rows kernel ahead up to 64 rows (0.83-0.96x the time at 48 and 64) and within
+/// 5 % at 128, but end to end, side by side, switching at 96 rows took 1.11x and 1.17x the time at 8 and 12
 /// sentences.
 const FEW_ROWS: usize = 40;
 
@@ -498,7 +498,10 @@ impl Isa {
     /// Whether this CPU runs it (a cached CPUID check: cheap enough for every call).
     pub fn runs_here(self) -> bool {
         match self {
-            Isa::Avx512 => best_isa() == Some(Isa::Avx512),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => few_rows_available() && std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512 => false,
             Isa::Avx2 => few_rows_available(),
         }
     }
@@ -513,15 +516,13 @@ pub fn available_isas() -> Vec<Isa> {
         .collect()
 }
 
-/// The widest kernel this CPU runs. On a CPU with AVX-512 (e.g. AMD Zen 4 and 5, whose
-/// 512-bit multiply-adds run at twice the rate of AVX2's), the AVX2 kernels reach half of
-/// what the core can do, and ONNX Runtime's AVX-512 kernels were 1.2x as fast on 8 sentences.
+/// The widest kernel this CPU runs. On a CPU whose 512-bit multiply-adds run at twice the rate
+/// of AVX2's (the Zen 5 of the development machine), the AVX2 kernels reach half of what the
+/// core can do, and ONNX Runtime's AVX-512 kernels were 1.2x as fast on 8 sentences.
 pub fn best_isa() -> Option<Isa> {
-    #[cfg(target_arch = "x86_64")]
-    if few_rows_available() && std::arch::is_x86_feature_detected!("avx512f") {
-        return Some(Isa::Avx512);
-    }
-    few_rows_available().then_some(Isa::Avx2)
+    [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .find(|isa| isa.runs_here())
 }
 
 /// The few-rows kernel is written for AVX2 with FMA and F16C (x86 CPUs since 2013-2015): elsewhere,
@@ -661,6 +662,20 @@ fn widen_f16(isa: Isa, src: &[f16], dst: &mut [f32]) {
     src.convert_to_f32_slice(dst);
 }
 
+/// `src` widened into `dst` (as long), `N` values at a time by `convert`, the rest one by one.
+/// Inlined into each instruction set's `widen`, so that `convert` compiles for it.
+#[inline(always)]
+fn widen_by<const N: usize>(src: &[f16], dst: &mut [f32], convert: impl Fn([f16; N]) -> [f32; N]) {
+    let (halves, rest) = src.as_chunks::<N>();
+    let (wide, wide_rest) = dst[..src.len()].as_chunks_mut::<N>();
+    for (w, h) in wide.iter_mut().zip(halves) {
+        *w = convert(*h);
+    }
+    for (w, h) in wide_rest.iter_mut().zip(rest) {
+        *w = h.to_f32();
+    }
+}
+
 /// The narrow last panel of a matrix (outputs not a multiple of `PANEL`), row by row, for
 /// both AVX2 routes: one computation, so both give the same bits. With AVX2, FMA and F16C,
 /// like `few_rows_product`.
@@ -762,14 +777,9 @@ mod avx2 {
     /// `src` widened into `dst`, 8 values per conversion.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn widen(src: &[f16], dst: &mut [f32]) {
-        let (halves, rest) = src.as_chunks::<8>();
-        let (wide, wide_rest) = dst[..src.len()].as_chunks_mut::<8>();
-        for (w, h) in wide.iter_mut().zip(halves) {
-            *w = bytemuck::cast(_mm256_cvtph_ps(bytemuck::cast::<[f16; 8], __m128i>(*h)));
-        }
-        for (w, h) in wide_rest.iter_mut().zip(rest) {
-            *w = h.to_f32();
-        }
+        super::widen_by::<8>(src, dst, |h| {
+            bytemuck::cast(_mm256_cvtph_ps(bytemuck::cast::<[f16; 8], __m128i>(h)))
+        });
     }
 
     /// The narrow last panel of a matrix whose outputs are not a multiple of `PANEL`, row by
@@ -823,18 +833,11 @@ mod avx2 {
             let (rows, k, stride) = (self.rows, self.k, self.dst_stride);
             let steps = block.len();
             let groups = rows.div_ceil(self.height);
-            // The next block, as many bytes as this one, shared out among the groups: each
-            // prefetches its share at an even pace, one or two lines per step.
-            let share = std::mem::size_of_val(block).div_ceil(groups);
-            let pace = share.div_ceil(steps);
             for (g, (r, height)) in group_spans(rows, self.height).enumerate() {
                 let inputs = &self.grouped[r * k + k0 * height..r * k + (k0 + steps) * height];
                 let dst = &mut self.dst[r * stride..];
-                let prefetcher = Prefetcher {
-                    next,
-                    start: g * share,
-                    pace,
-                };
+                let prefetcher =
+                    Prefetcher::for_group(next, std::mem::size_of_val(block), steps, groups, g);
                 match height {
                     1 => tile::<T, 1>(block, cast_slice(inputs), prefetcher, dst, stride, vector),
                     2 => tile::<T, 2>(block, cast_slice(inputs), prefetcher, dst, stride, vector),
@@ -906,7 +909,9 @@ struct Prefetcher<'a> {
 }
 
 impl Prefetcher<'_> {
-    /// The share of group `g` of `groups`, against a block of `steps` steps of `block_bytes`.
+    /// The share of group `g` of `groups`, against a block of `steps` steps of `block_bytes`:
+    /// the next block, as many bytes as this one, shared out among the groups, each
+    /// prefetching its share at an even pace, one or two lines per step.
     fn for_group(
         next: &[u8],
         block_bytes: usize,
@@ -999,14 +1004,9 @@ mod avx512 {
     /// `src` widened into `dst`, 16 values per conversion.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) fn widen(src: &[f16], dst: &mut [f32]) {
-        let (halves, rest) = src.as_chunks::<16>();
-        let (wide, wide_rest) = dst[..src.len()].as_chunks_mut::<16>();
-        for (w, h) in wide.iter_mut().zip(halves) {
-            *w = bytemuck::cast(_mm512_cvtph_ps(bytemuck::cast::<[f16; 16], __m256i>(*h)));
-        }
-        for (w, h) in wide_rest.iter_mut().zip(rest) {
-            *w = h.to_f32();
-        }
+        super::widen_by::<16>(src, dst, |h| {
+            bytemuck::cast(_mm512_cvtph_ps(bytemuck::cast::<[f16; 16], __m256i>(h)))
+        });
     }
 
     /// `R` rows against one block: `R × 2` accumulators, one row of weights (two vectors)

@@ -90,10 +90,11 @@ impl Strips {
         self.rows.div_ceil(STRIP)
     }
 
-    /// Strip `s`, steps `k0..k0 + steps`.
-    fn steps(&self, s: usize, k0: usize, steps: usize) -> &[[f32; STRIP]] {
+    /// Strip `s`'s inputs at steps `k0..k0 + steps`, and its row count.
+    fn strip(&self, s: usize, k0: usize, steps: usize) -> (&[[f32; STRIP]], usize) {
         let all: &[[f32; STRIP]] = bytemuck::cast_slice(&self.values);
-        &all[s * self.k + k0..s * self.k + k0 + steps]
+        let inputs = &all[s * self.k + k0..s * self.k + k0 + steps];
+        (inputs, STRIP.min(self.rows - s * STRIP))
     }
 }
 
@@ -161,6 +162,33 @@ pub fn block_product(
     unreachable!("the many-rows route is chosen only on a CPU with AVX2 and FMA");
 }
 
+/// Tile `tile`'s share of `next` when `tiles` tiles share it out evenly, in whole cache lines:
+/// each prefetches its share before its steps. Measured end to end on the AVX2 kernel (32
+/// and 128 sentences): a strip's share at once before its two tiles stalled on the
+/// prefetches (4 % of the cycles, perf), and one line every few steps took 1.2x the time of
+/// this (the step loop compiled worse).
+fn prefetch_share(next: &[u8], tiles: usize, tile: usize) -> &[u8] {
+    let share = next.len().div_ceil(tiles).next_multiple_of(64);
+    let from = (tile * share).min(next.len());
+    &next[from..next.len().min(from + share)]
+}
+
+/// `step` on every step of a block, two per iteration: one step a loop iteration was 23
+/// instructions, 3 of them the loop's own. Measured end to end on the AVX2 kernel, side by
+/// side: 0.96-0.97x the time at 32 and 128 sentences (four steps: within the noise of two).
+/// Inlined into each kernel's tile, so that `step` compiles for its instruction set.
+#[inline(always)]
+fn in_pairs<W>(block: &[W], inputs: &[[f32; STRIP]], mut step: impl FnMut(&W, &[f32; STRIP])) {
+    for (w, x) in block.chunks_exact(2).zip(inputs.chunks_exact(2)) {
+        step(&w[0], &x[0]);
+        step(&w[1], &x[1]);
+    }
+    if block.len() % 2 == 1 {
+        let last = block.len() - 1;
+        step(&block[last], &inputs[last]);
+    }
+}
+
 /// Whether this CPU runs the kernel (AVX2 and FMA).
 pub fn available() -> bool {
     super::kernels::avx2_fma_available()
@@ -169,7 +197,7 @@ pub fn available() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::super::linear::prefetch;
-    use super::{Strips, PANEL, STRIP};
+    use super::{prefetch_share, Strips, PANEL, STRIP};
     use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps};
 
     #[allow(clippy::too_many_arguments)]
@@ -184,20 +212,8 @@ mod avx2 {
         dst: &mut [f32],
         dst_stride: usize,
     ) {
-        // Each tile prefetches an even share of the next block, whole cache lines, before
-        // its steps. Measured end to end (32 and 128 sentences): a strip's share at once
-        // before its two tiles stalled on the prefetches (4 % of the cycles, perf), and one
-        // line every few steps took 1.2x the time of this (the step loop compiled worse).
-        let share = next.len().div_ceil(2 * (last - first)).next_multiple_of(64);
-        let share_of = |tile: usize| {
-            let from = (tile * share).min(next.len());
-            &next[from..next.len().min(from + share)]
-        };
-        // Strip `s`'s inputs at these steps and its row count.
-        let strip = |s: usize| {
-            let inputs = strips.steps(s, k0, block.len());
-            (inputs, STRIP.min(strips.rows - s * STRIP))
-        };
+        // Two tiles per strip (the halves) share the next block (`prefetch_share`).
+        let tiles = 2 * (last - first);
         // The first half of the panel over every strip, then the second: a half's 16 KiB of
         // weights stays in L1 while the strips (from L2) pass over it. Both halves per strip
         // (32 KiB, all of L1) left the weights to come from L2: measured end to end, side by
@@ -218,15 +234,15 @@ mod avx2 {
                     }
                 }
             }
-            let (inputs, rows) = strip(s);
+            let (inputs, rows) = strips.strip(s, k0, block.len());
             let dst = &mut dst[s * STRIP * dst_stride..];
-            let share = share_of(s - first);
+            let share = prefetch_share(next, tiles, s - first);
             tile_half::<0>(block, inputs, rows, start, share, dst, dst_stride);
         }
         for s in first..last {
-            let (inputs, rows) = strip(s);
+            let (inputs, rows) = strips.strip(s, k0, block.len());
             let dst = &mut dst[s * STRIP * dst_stride..];
-            let share = share_of(last - first + s - first);
+            let share = prefetch_share(next, tiles, last - first + s - first);
             tile_half::<1>(block, inputs, rows, start, share, dst, dst_stride);
         }
     }
@@ -272,18 +288,7 @@ mod avx2 {
                 acc[r][1] = _mm256_fmadd_ps(a, w[1], acc[r][1]);
             }
         };
-        // Two steps per iteration: one step was 23 instructions, 3 of them the loop's own.
-        // Measured end to end, side by side: 0.96-0.97x the time at 32 and 128 sentences
-        // (four steps: within the noise of two).
-        let pairs = block.chunks_exact(2).zip(inputs.chunks_exact(2));
-        for (w, x) in pairs {
-            step(&mut acc, &w[0], &x[0]);
-            step(&mut acc, &w[1], &x[1]);
-        }
-        if block.len() % 2 == 1 {
-            let last = block.len() - 1;
-            step(&mut acc, &block[last], &inputs[last]);
-        }
+        super::in_pairs(block, inputs, |w, x| step(&mut acc, w, x));
         for r in 0..rows {
             let row: [f32; 16] = bytemuck::cast(acc[r]);
             dst[r * dst_stride + at..r * dst_stride + at + 16].copy_from_slice(&row);
@@ -297,7 +302,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::super::linear::prefetch;
-    use super::{Strips, PANEL, STRIP};
+    use super::{prefetch_share, Strips, PANEL, STRIP};
     use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_set1_ps};
 
     type Row = [__m512; PANEL / 16];
@@ -314,14 +319,10 @@ mod avx512 {
         dst: &mut [f32],
         dst_stride: usize,
     ) {
-        // Each tile prefetches an even share of the next block (as in the AVX2 kernel).
-        let share = next.len().div_ceil(last - first).next_multiple_of(64);
         for s in first..last {
-            let inputs = strips.steps(s, k0, block.len());
-            let rows = STRIP.min(strips.rows - s * STRIP);
+            let (inputs, rows) = strips.strip(s, k0, block.len());
             let dst = &mut dst[s * STRIP * dst_stride..];
-            let from = ((s - first) * share).min(next.len());
-            let share = &next[from..next.len().min(from + share)];
+            let share = prefetch_share(next, last - first, s - first);
             tile(block, inputs, rows, start, share, dst, dst_stride);
         }
     }
@@ -360,15 +361,7 @@ mod avx512 {
                 acc[r][1] = _mm512_fmadd_ps(a, w[1], acc[r][1]);
             }
         };
-        let pairs = block.chunks_exact(2).zip(inputs.chunks_exact(2));
-        for (w, x) in pairs {
-            step(&mut acc, &w[0], &x[0]);
-            step(&mut acc, &w[1], &x[1]);
-        }
-        if block.len() % 2 == 1 {
-            let last = block.len() - 1;
-            step(&mut acc, &block[last], &inputs[last]);
-        }
+        super::in_pairs(block, inputs, |w, x| step(&mut acc, w, x));
         for r in 0..rows {
             let row: [f32; PANEL] = bytemuck::cast(acc[r]);
             dst[r * dst_stride..r * dst_stride + PANEL].copy_from_slice(&row);
