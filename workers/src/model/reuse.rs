@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// At most this many bytes of buffers kept by a worker, all its computing threads together:
 /// a pass of ~1,800 tokens of all-MiniLM-L6-v2 (~700 of all-mpnet-base-v2) on one thread runs
 /// entirely in kept buffers (five hidden-wide values per token, and the feed-forward block's
-/// chunk: `fast::FFN_ROWS` rows four times as wide). (Per process, not per thread, so that `threads` does not
-/// multiply what an idle worker holds.)
+/// chunk: `fast::FFN_ROWS` rows four times as wide). (Per process, not per thread, so that
+/// `threads` does not multiply what an idle worker holds.)
 pub const KEEP_BYTES: usize = 16 << 20;
 
 /// Bytes kept by all the threads of this process.
