@@ -24,6 +24,7 @@ use super::kernels::{
     softmax, HeadRows, MatRef,
 };
 use super::linear::{prefetch, Linear, Precision};
+use super::region::{self, RegionBuilder};
 use super::reuse;
 use super::weights::RawWeights;
 use rayon::prelude::*;
@@ -220,6 +221,7 @@ impl FastEncoder {
             }
             _ => None,
         };
+        move_to_region(&mut layers)?;
         Ok(FastEncoder {
             word,
             position,
@@ -474,6 +476,47 @@ impl FastEncoder {
             softmax(row);
         }
     }
+}
+
+/// Every layer's packed weights moved into one region on huge pages (`region.rs`), in the
+/// order the pass reads them, each layer's own copy freed.
+fn move_to_region(layers: &mut [Layer]) -> Result<(), String> {
+    fn linears(layer: &mut Layer) -> [&mut Linear; 4] {
+        [
+            &mut layer.qkv,
+            &mut layer.attention_out,
+            &mut layer.intermediate,
+            &mut layer.output,
+        ]
+    }
+    let bytes = region::capacity_for(
+        layers
+            .iter_mut()
+            .flat_map(linears)
+            .map(|linear| linear.weight_bytes()),
+    );
+    let mut builder = RegionBuilder::new(bytes)
+        .map_err(|e| format!("cannot map {bytes} bytes for the weights: {e}"))?;
+    let spans: Vec<_> = layers
+        .iter_mut()
+        .flat_map(linears)
+        .map(|linear| linear.copy_into(&mut builder))
+        .collect();
+    let region = builder
+        .finish()
+        .map_err(|e| format!("cannot make the weights read-only: {e}"))?;
+    for (linear, span) in layers.iter_mut().flat_map(linears).zip(spans) {
+        linear.use_region(&region, span);
+    }
+    // The layers' own copies were large blocks, most of them mappings of their own; what
+    // glibc kept of them goes back now, before fork.
+    crate::heap::trim();
+    tracing::debug!(
+        bytes,
+        huge_pages = region.huge_pages(),
+        "packed weights in one region"
+    );
+    Ok(())
 }
 
 /// Up to this many tokens a sentence's attention runs `kernels::attention_scores` and

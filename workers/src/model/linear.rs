@@ -20,9 +20,11 @@
 
 use super::kernels::{matmul, MatRef};
 use super::many_rows::{self, Strips};
+use super::region::{Region, RegionBuilder, Span};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// How the weights of the encoder's linear layers are kept in memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -88,6 +90,12 @@ enum Packed {
     F32(Aligned<f32>),
     /// All finite (`Linear::in_precision` checks).
     F16(Aligned<f16>),
+    /// Moved into the model's shared region (`Linear::use_region`), f16 or f32 as before.
+    InRegion {
+        region: Arc<Region>,
+        span: Span,
+        half: bool,
+    },
 }
 
 /// Values that start on a 64-byte boundary (a cache line). malloc gives large blocks 16-byte
@@ -215,9 +223,8 @@ impl Linear {
     /// The same layer with its weights kept in `precision` (the bias stays f32). Refuses a
     /// weight that half precision cannot hold (beyond ±65504) rather than serve infinities.
     pub fn in_precision(self, precision: Precision) -> Result<Linear, String> {
-        let packed = match (precision, self.packed) {
-            (Precision::F16, Packed::F32(w)) => {
-                let w = w.as_slice();
+        let packed = match (precision, self.weights()) {
+            (Precision::F16, Weights::F32(w)) => {
                 let mut halves = Aligned::new(w.len());
                 for (h, &v) in halves.as_mut_slice().iter_mut().zip(w) {
                     *h = f16::from_f32(v);
@@ -230,23 +237,52 @@ impl Linear {
                 Packed::F16(halves)
             }
             // Already so (`from_torch` packs f32).
-            (_, packed) => packed,
+            _ => return Ok(self),
         };
         Ok(Linear { packed, ..self })
     }
 
     /// Bytes the weights take in memory.
     pub fn weight_bytes(&self) -> usize {
-        match &self.packed {
-            Packed::F32(w) => std::mem::size_of_val(w.as_slice()),
-            Packed::F16(w) => std::mem::size_of_val(w.as_slice()),
+        match self.weights() {
+            Weights::F32(w) => std::mem::size_of_val(w),
+            Weights::F16(w) => std::mem::size_of_val(w),
         }
+    }
+
+    /// Copies the packed weights into `builder`; `use_region` then serves them from there.
+    pub fn copy_into(&self, builder: &mut RegionBuilder) -> Span {
+        match self.weights() {
+            Weights::F32(w) => builder.push(w),
+            Weights::F16(w) => builder.push(w),
+        }
+    }
+
+    /// Serve the weights from `span` of `region` (where `copy_into` put them), and free this
+    /// layer's own copy.
+    pub fn use_region(&mut self, region: &Arc<Region>, span: Span) {
+        let half = matches!(self.weights(), Weights::F16(_));
+        self.packed = Packed::InRegion {
+            region: region.clone(),
+            span,
+            half,
+        };
     }
 
     fn weights(&self) -> Weights<'_> {
         match &self.packed {
             Packed::F32(w) => Weights::F32(w.as_slice()),
             Packed::F16(w) => Weights::F16(w.as_slice()),
+            Packed::InRegion {
+                region,
+                span,
+                half: false,
+            } => Weights::F32(region.slice(*span)),
+            Packed::InRegion {
+                region,
+                span,
+                half: true,
+            } => Weights::F16(region.slice(*span)),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod linear;
 mod many_rows;
 mod pooling;
+mod region;
 mod reuse;
 mod tokenizer;
 mod weights;
