@@ -2,18 +2,18 @@
 //! transparent huge pages (2 MiB).
 //!
 //! Why: a one-sentence forward pass streams every weight once (42 MB for all-MiniLM-L6-v2,
-//! more than the L3), and on 4 KiB pages that is ~10,000 page walks, whose page-table entries
-//! a quiet moment on a shared machine evicts too. A C loop summing 42 MB on the 2-core Zen 3
-//! development VM took 0.84x the time on huge pages (3.15 against 3.73-3.90 ms, medians of
-//! 15, after 50 ms pauses and back to back alike). One mapping rather than one per matrix,
-//! because a huge page needs a whole aligned 2 MiB of one mapping and most matrices are
-//! smaller.
+//! more than the L3), which on 4 KiB pages is ~10,000 pages, each a TLB miss and a page walk.
+//! On the 2-core Zen 3 development VM, a C loop summing 42 MB took 0.81-0.85x the time on
+//! huge pages (medians of 15, two runs, back to back and 50 ms apart: 2.50-3.25 against
+//! 2.94-3.90 ms), and a one-sentence `/embed` 0.87-0.91x (`bench/ab.py`). One mapping rather
+//! than one per matrix, because a huge page needs a whole aligned 2 MiB of one mapping and
+//! most matrices are smaller.
 //!
 //! The master fills the region before fork and then makes it read-only: the workers share
 //! its pages (huge or not) copy-on-write, and a stray write is a fault, not a silent private
-//! copy of the weights. Where the kernel offers no huge pages (`transparent_hugepage` set to
-//! `never`, or not built in) the advice is refused and the region is plain pages: the same
-//! values, only the page walks differ.
+//! copy of the weights. Where the kernel gives no huge pages (`transparent_hugepage` set to
+//! `never`, or not built in, where the advice is refused) the region is plain pages: the
+//! same values, only the page walks differ.
 
 use memmap2::{Advice, Mmap, MmapMut};
 use std::io;
@@ -44,7 +44,9 @@ impl Region {
         bytemuck::cast_slice(&self.map[span.offset..span.offset + span.bytes])
     }
 
-    /// Whether the kernel took the advice to back the region with huge pages.
+    /// Whether the kernel accepted the advice to back the region with huge pages (it may
+    /// still give 4 KiB pages: `AnonHugePages` in `/proc/<pid>/smaps_rollup` says what it
+    /// gave).
     pub fn huge_pages(&self) -> bool {
         self.huge_pages
     }
