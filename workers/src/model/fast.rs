@@ -508,14 +508,8 @@ fn move_to_region(layers: &mut [Layer]) -> Result<(), String> {
     for (linear, span) in layers.iter_mut().flat_map(linears).zip(spans) {
         linear.use_region(&region, span);
     }
-    // The layers' own copies were large blocks, most of them mappings of their own; what
-    // glibc kept of them goes back now, before fork.
-    crate::heap::trim();
-    tracing::debug!(
-        bytes,
-        huge_pages = region.huge_pages(),
-        "packed weights in one region"
-    );
+    // The layers' own copies, freed as `use_region` replaced them, were blocks of 128 KiB
+    // or more: mappings of their own (`tune_allocator`), so the kernel has them back.
     Ok(())
 }
 

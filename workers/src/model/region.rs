@@ -23,7 +23,7 @@ const HUGE_PAGE: usize = 2 << 20;
 
 /// Where each matrix starts: a cache line, as `linear::Aligned` gives heap blocks (a 32-byte
 /// load straddling two lines costs the kernels).
-pub const ALIGN: usize = 64;
+const ALIGN: usize = 64;
 
 /// A block of values inside a region: byte offset and length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,20 +35,12 @@ pub struct Span {
 /// The filled, read-only region.
 pub struct Region {
     map: Mmap,
-    huge_pages: bool,
 }
 
 impl Region {
     /// The values of `span`, as pushed.
     pub fn slice<T: bytemuck::Pod>(&self, span: Span) -> &[T] {
         bytemuck::cast_slice(&self.map[span.offset..span.offset + span.bytes])
-    }
-
-    /// Whether the kernel accepted the advice to back the region with huge pages (it may
-    /// still give 4 KiB pages: `AnonHugePages` in `/proc/<pid>/smaps_rollup` says what it
-    /// gave).
-    pub fn huge_pages(&self) -> bool {
-        self.huge_pages
     }
 }
 
@@ -59,7 +51,6 @@ pub struct RegionBuilder {
     base: usize,
     used: usize,
     capacity: usize,
-    huge_pages: bool,
 }
 
 impl RegionBuilder {
@@ -71,14 +62,15 @@ impl RegionBuilder {
         let map = MmapMut::map_anon(rounded + HUGE_PAGE)?;
         let start = map.as_ptr() as usize;
         let base = start.next_multiple_of(HUGE_PAGE) - start;
-        // Before any page is touched: huge pages are given at the first fault.
-        let huge_pages = map.advise_range(Advice::HugePage, base, rounded).is_ok();
+        // Before any page is touched: huge pages are given at the first fault. A refusal
+        // (no transparent huge pages in this kernel) leaves plain pages, the same values;
+        // `AnonHugePages` in `/proc/<pid>/smaps_rollup` says what was given.
+        let _ = map.advise_range(Advice::HugePage, base, rounded);
         Ok(RegionBuilder {
             map,
             base,
             used: 0,
             capacity,
-            huge_pages,
         })
     }
 
@@ -104,7 +96,6 @@ impl RegionBuilder {
     pub fn finish(self) -> io::Result<Arc<Region>> {
         Ok(Arc::new(Region {
             map: self.map.make_read_only()?,
-            huge_pages: self.huge_pages,
         }))
     }
 }
