@@ -416,8 +416,9 @@ impl Linear {
     }
 
     /// `panels_by` on the many-rows route: for each block of strips, each block of steps and
-    /// each full panel, `many_rows::block_product`, starting from the bias on the first block
-    /// of steps; a narrow last panel row by row, after.
+    /// each group of full panels (`many_rows::panels_per_tile`), `many_rows::block_product`,
+    /// starting from the bias on the first block of steps; a narrow last panel row by row,
+    /// after.
     #[allow(clippy::too_many_arguments)]
     fn many_rows_panels(
         &self,
@@ -432,50 +433,72 @@ impl Linear {
         let k = self.inputs;
         let weights = self.weights();
         let strips = Strips::new(x, rows, k);
+        let k_block = many_rows::k_block(isa);
+        let group = many_rows::panels_per_tile(isa);
+        let full: Vec<usize> = self
+            .panel_spans(from, to)
+            .filter(|&(_, width)| width == PANEL)
+            .map(|(first, _)| first)
+            .collect();
         // f16 weights widened a block at a time, into 64-byte aligned memory (in a plain Vec
         // every other 32-byte load of the tiles straddled two cache lines).
         let mut widened = Aligned::<f32>::new(match weights {
             Weights::F32(_) => 0,
-            Weights::F16(_) => many_rows::k_block(isa).min(k) * PANEL,
+            Weights::F16(_) => group * k_block.min(k) * PANEL,
         });
         for s0 in (0..strips.count()).step_by(many_rows::BLOCK_STRIPS) {
             let strips_in_block = (s0, strips.count().min(s0 + many_rows::BLOCK_STRIPS));
-            for k0 in (0..k).step_by(many_rows::k_block(isa)) {
-                let len = many_rows::k_block(isa).min(k - k0) * PANEL;
-                for (first, width) in self.panel_spans(from, to) {
-                    if width != PANEL {
-                        continue; // below, over all rows at once
-                    }
-                    let at = first * k + k0 * PANEL;
-                    let block = match weights {
-                        Weights::F32(w) => &w[at..at + len],
-                        Weights::F16(w) => {
-                            let wide = &mut widened.as_mut_slice()[..len];
-                            widen_f16(isa, &w[at..at + len], wide);
-                            &*wide
-                        }
+            for k0 in (0..k).step_by(k_block) {
+                let len = k_block.min(k - k0) * PANEL;
+                for firsts in full.chunks(group) {
+                    let mut wide = widened.as_mut_slice().chunks_exact_mut(len.max(1));
+                    let mut block = |first: usize| -> &[[f32; PANEL]] {
+                        let at = first * k + k0 * PANEL;
+                        bytemuck::cast_slice(match weights {
+                            Weights::F32(w) => &w[at..at + len],
+                            Weights::F16(w) => {
+                                let wide = wide.next().unwrap_or_default();
+                                widen_f16(isa, &w[at..at + len], wide);
+                                &*wide
+                            }
+                        })
                     };
-                    // What the next panel reads at these steps (a prefetch hint: nothing past
-                    // this call's outputs).
-                    let next = match first + PANEL < to {
-                        true => weights.bytes(at + PANEL * k, len),
+                    // What the next group of panels reads at these steps (a prefetch hint:
+                    // nothing past this call's outputs).
+                    let next = |first: usize| match first + group * PANEL < to {
+                        true => weights.bytes(first * k + k0 * PANEL + group * PANEL * k, len),
                         false => &[],
                     };
-                    let start = match k0 {
+                    let start = |first: usize| match k0 {
                         0 => self.bias[first..].first_chunk::<PANEL>(),
                         _ => None,
                     };
-                    many_rows::block_product(
-                        isa,
-                        &strips,
-                        strips_in_block,
-                        k0,
-                        bytemuck::cast_slice(block),
-                        start,
-                        next,
-                        &mut dst[first - from..],
-                        dst_stride,
-                    );
+                    let dst = &mut dst[firsts[0] - from..];
+                    match *firsts {
+                        [a] => many_rows::block_product(
+                            isa,
+                            &strips,
+                            strips_in_block,
+                            k0,
+                            [block(a)],
+                            start(a).map(|s| [s]),
+                            [next(a)],
+                            dst,
+                            dst_stride,
+                        ),
+                        [a, b] => many_rows::block_product(
+                            isa,
+                            &strips,
+                            strips_in_block,
+                            k0,
+                            [block(a), block(b)],
+                            start(a).zip(start(b)).map(|(a, b)| [a, b]),
+                            [next(a), next(b)],
+                            dst,
+                            dst_stride,
+                        ),
+                        _ => unreachable!("panels_per_tile is 1 or 2"),
+                    }
                 }
             }
         }
@@ -1339,6 +1362,32 @@ mod tests {
             .collect();
         times.sort_by(f64::total_cmp);
         times[runs / 2]
+    }
+
+    /// The many-rows kernel alone on the four products of a MiniLM layer, 210 rows (a pass of
+    /// 30 one-sentence requests), weights in cache: GFLOP/s by instruction set. `cargo test
+    /// --release -p forkserve-worker many_rows_product_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn many_rows_product_speed() {
+        for (k, n) in [(384, 1152), (384, 384), (384, 1536), (1536, 384)] {
+            let w: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 / 13.0).collect();
+            let l = Linear::from_torch(&w, vec![0.0; n], k, n);
+            let rows = 210;
+            let x: Vec<f32> = (0..rows * k).map(|i| (i % 7) as f32 / 7.0).collect();
+            let mut out = vec![0f32; rows * n];
+            let mut line = Vec::new();
+            for isa in available_isas() {
+                let us = median_us(21, || {
+                    for _ in 0..10 {
+                        l.panels_by(&x, rows, 0, n, &mut out, n, Route::ManyRows(isa));
+                    }
+                }) / 10.0;
+                let gflops = 2.0 * (rows * k * n) as f64 / us / 1e3;
+                line.push(format!("{} {us:7.1} us ({gflops:5.1} GFLOP/s)", isa.name()));
+            }
+            eprintln!("k {k:4} n {n:4}: {}", line.join(", "));
+        }
     }
 
     /// Large products, alternating chunked and unchunked input (the activations of a large

@@ -10,8 +10,8 @@
 //! How:
 //! - The input rows are packed once per product into strips of `STRIP` rows, their values
 //!   interleaved step by step (`Strips`); every panel of weights reads them from there.
-//! - A register tile of 6 rows × 16 outputs (6 × 32 with AVX-512): 12 accumulators, two
-//!   weight vectors and one broadcast input per row and step. Half a panel of weights (16 outputs × `K_BLOCK`
+//! - A register tile of 6 rows × 16 outputs (6 × 64, two panels, with AVX-512): 12
+//!   accumulators (24), two weight vectors (four) and one broadcast input per row and step. Half a panel of weights (16 outputs × `K_BLOCK`
 //!   steps) stays in L1 while every strip passes over it; the strips of a row block
 //!   (`BLOCK_STRIPS`) stay in L2 while every panel passes over them. Each tile prefetches a
 //!   share of the next panel's weights, and the outputs of the next strip.
@@ -34,11 +34,26 @@ pub const STRIP: usize = 6;
 /// 32; 512 steps (32 KiB, all of L1) was slower than 384 (497 against 489 ms at 128).
 pub const K_BLOCK: usize = 384;
 
-/// Steps per block for `isa`'s kernel: the AVX-512 tiles take the whole panel (32 outputs)
-/// at once, so 192 steps make the same 24 KiB of weights in L1.
+/// Full panels per tile for `isa`'s kernel: the AVX-512 tiles take two adjacent panels (64
+/// outputs: four weight vectors a step), so that each broadcast input feeds four multiply-adds
+/// rather than two. A C loop of this kernel's steps, its operands in L1, ran at 81 % of the
+/// measured peak with two vectors a row and 88 % with four (195 against 211 GFLOP/s on an
+/// Intel Xeon with AMX). End to end, side by side with one panel a tile (`bench/ab.py`, 15
+/// repeats, two runs): 0.89 / 0.90x the time at 8 sentences, 0.92 / 0.94x at 32, 0.95x at 128
+/// (the products alone on weights kept in cache, `many_rows_product_speed`: within the
+/// noise). The AVX2 tiles have no registers to spare for it.
+pub fn panels_per_tile(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 2,
+        Isa::Avx2 => 1,
+    }
+}
+
+/// Steps per block for `isa`'s kernel, so that a tile's weights are the same 24 KiB: the
+/// AVX-512 tiles take two whole panels (64 outputs) at once, so 96 steps.
 pub fn k_block(isa: Isa) -> usize {
     match isa {
-        Isa::Avx512 => K_BLOCK / 2,
+        Isa::Avx512 => K_BLOCK / 4,
         Isa::Avx2 => K_BLOCK,
     }
 }
@@ -104,21 +119,23 @@ impl Drop for Strips {
     }
 }
 
-/// `dst[r][0..PANEL] = start + Σ_i strips[r][k0 + i] · block[i]` for the rows of strips
-/// `first..last`, `dst` starting at the panel's first output in row 0 (rows `dst_stride`
-/// apart). `start` is the bias for the first block of steps (`dst` is then only written),
-/// `None` to go on from `dst`'s values. `next` is the weights the following call will read
-/// (as many bytes as this block's, or fewer): the tiles prefetch them between them, so that
-/// they come from cache. With `isa`'s instructions, which the caller checked the CPU has.
+/// `dst[r][p·PANEL..(p + 1)·PANEL] = start[p] + Σ_i strips[r][k0 + i] · blocks[p][i]` for
+/// the rows of strips `first..last` and each of `P` adjacent panels (`P` as
+/// `panels_per_tile(isa)`, or 1), `dst` starting at the first panel's first output in row 0
+/// (rows `dst_stride` apart). `start` is the biases for the first block of steps (`dst` is then
+/// only written), `None` to go on from `dst`'s values. `next[p]` is the weights the following
+/// call will read in place of `blocks[p]` (as many bytes, or fewer): the tiles prefetch them
+/// between them, so that they come from cache. With `isa`'s instructions, which the caller
+/// checked the CPU has.
 #[allow(clippy::too_many_arguments)]
-pub fn block_product(
+pub fn block_product<const P: usize>(
     isa: Isa,
     strips: &Strips,
     (first, last): (usize, usize),
     k0: usize,
-    block: &[[f32; PANEL]],
-    start: Option<&[f32; PANEL]>,
-    next: &[u8],
+    blocks: [&[[f32; PANEL]]; P],
+    start: Option<[&[f32; PANEL]; P]>,
+    next: [&[u8]; P],
     dst: &mut [f32],
     dst_stride: usize,
 ) {
@@ -131,7 +148,7 @@ pub fn block_product(
                 strips,
                 (first, last),
                 k0,
-                block,
+                blocks,
                 start,
                 next,
                 dst,
@@ -142,23 +159,27 @@ pub fn block_product(
     }
     #[cfg(target_arch = "x86_64")]
     if available() {
-        // SAFETY: the function is compiled for AVX2 and FMA, and the CPU has them (checked
-        // just above); it is otherwise safe code.
-        unsafe {
-            avx2::block_product(
-                strips,
-                (first, last),
-                k0,
-                block,
-                start,
-                next,
-                dst,
-                dst_stride,
-            )
-        };
+        for p in 0..P {
+            // SAFETY: the function is compiled for AVX2 and FMA, and the CPU has them
+            // (checked just above); it is otherwise safe code.
+            unsafe {
+                avx2::block_product(
+                    strips,
+                    (first, last),
+                    k0,
+                    blocks[p],
+                    start.map(|s| s[p]),
+                    next[p],
+                    &mut dst[p * PANEL..],
+                    dst_stride,
+                )
+            };
+        }
         return;
     }
-    let _ = (strips, first, last, k0, block, start, next, dst, dst_stride);
+    let _ = (
+        strips, first, last, k0, blocks, start, next, dst, dst_stride,
+    );
     unreachable!("the many-rows route is chosen only on a CPU with AVX2 and FMA");
 }
 
@@ -296,75 +317,100 @@ mod avx2 {
     }
 }
 
-/// The kernel for AVX-512: tiles of 6 rows × the whole panel (12 accumulators of its 32
-/// registers, two weight vectors per step), the same computation as the AVX2 kernel's on
-/// twice the lanes, over blocks of half as many steps (`k_block`), the same 24 KiB.
+/// The kernel for AVX-512: tiles of 6 rows × two whole panels (24 accumulators of its 32
+/// registers, four weight vectors per step; `panels_per_tile`), the same computation as the
+/// AVX2 kernel's on twice the lanes and twice the outputs, over blocks of a quarter as many
+/// steps (`k_block`), the same 24 KiB. A lone last panel takes tiles of 6 rows × one panel.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::super::linear::prefetch;
     use super::{prefetch_share, Strips, PANEL, STRIP};
-    use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_set1_ps};
-
-    type Row = [__m512; PANEL / 16];
+    use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_setzero_ps};
 
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) fn block_product(
+    pub(super) fn block_product<const P: usize>(
         strips: &Strips,
         (first, last): (usize, usize),
         k0: usize,
-        block: &[[f32; PANEL]],
-        start: Option<&[f32; PANEL]>,
-        next: &[u8],
+        blocks: [&[[f32; PANEL]]; P],
+        start: Option<[&[f32; PANEL]; P]>,
+        next: [&[u8]; P],
         dst: &mut [f32],
         dst_stride: usize,
     ) {
+        let steps = blocks[0].len();
         for s in first..last {
-            let (inputs, rows) = strips.strip(s, k0, block.len());
+            let (inputs, rows) = strips.strip(s, k0, steps);
             let dst = &mut dst[s * STRIP * dst_stride..];
-            let share = prefetch_share(next, last - first, s - first);
-            tile(block, inputs, rows, start, share, dst, dst_stride);
+            let shares = next.map(|next| prefetch_share(next, last - first, s - first));
+            tile(blocks, inputs, rows, start, shares, dst, dst_stride);
         }
     }
 
-    /// One strip against the weights: 6 rows × 2 vectors of accumulators, starting from
-    /// `start` (the bias) or else from `dst`; `next` is prefetched before the steps.
+    /// One strip against `P` panels' weights: 6 rows × 2`P` vectors of accumulators, starting
+    /// from `start` (the biases) or else from `dst`; `next` is prefetched before the steps.
     #[allow(clippy::needless_range_loop)] // rows inside, the order that keeps them in registers
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    fn tile(
-        block: &[[f32; PANEL]],
+    fn tile<const P: usize>(
+        blocks: [&[[f32; PANEL]]; P],
         inputs: &[[f32; STRIP]],
         rows: usize,
-        start: Option<&[f32; PANEL]>,
-        next: &[u8],
+        start: Option<[&[f32; PANEL]; P]>,
+        next: [&[u8]; P],
         dst: &mut [f32],
         dst_stride: usize,
     ) {
-        let mut acc: [Row; STRIP] = bytemuck::Zeroable::zeroed();
+        let mut acc = [[[_mm512_setzero_ps(); 2]; P]; STRIP];
         for r in 0..rows {
-            let mut row = [0f32; PANEL];
-            match start {
-                Some(start) => row = *start,
-                None => row.copy_from_slice(&dst[r * dst_stride..r * dst_stride + PANEL]),
+            for p in 0..P {
+                let mut row = [0f32; PANEL];
+                match start {
+                    Some(start) => row = *start[p],
+                    None => {
+                        let at = r * dst_stride + p * PANEL;
+                        row.copy_from_slice(&dst[at..at + PANEL]);
+                    }
+                }
+                acc[r][p] = bytemuck::cast(row);
             }
-            acc[r] = bytemuck::cast(row);
         }
-        for at in (0..next.len()).step_by(64) {
-            prefetch(next, at);
-        }
-        let step = |acc: &mut [Row; STRIP], w: &[f32; PANEL], x: &[f32; STRIP]| {
-            let w: Row = bytemuck::cast(*w);
-            for r in 0..STRIP {
-                let a = _mm512_set1_ps(x[r]);
-                acc[r][0] = _mm512_fmadd_ps(a, w[0], acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(a, w[1], acc[r][1]);
+        for next in next {
+            for at in (0..next.len()).step_by(64) {
+                prefetch(next, at);
             }
-        };
-        super::in_pairs(block, inputs, |w, x| step(&mut acc, w, x));
+        }
+        let step =
+            |acc: &mut [[[__m512; 2]; P]; STRIP], w: [&[f32; PANEL]; P], x: &[f32; STRIP]| {
+                let w: [[__m512; 2]; P] = w.map(|w| bytemuck::cast(*w));
+                for r in 0..STRIP {
+                    let a = _mm512_set1_ps(x[r]);
+                    for p in 0..P {
+                        acc[r][p][0] = _mm512_fmadd_ps(a, w[p][0], acc[r][p][0]);
+                        acc[r][p][1] = _mm512_fmadd_ps(a, w[p][1], acc[r][p][1]);
+                    }
+                }
+            };
+        match P {
+            // One panel: two steps an iteration, as the AVX2 kernel (`in_pairs`).
+            1 => super::in_pairs(blocks[0], inputs, |w, x| {
+                step(&mut acc, std::array::from_fn(|_| w), x)
+            }),
+            // Two panels: one step an iteration (24 multiply-adds); zipped, so that the loop
+            // has no bounds checks.
+            _ => {
+                for ((a, b), x) in blocks[0].iter().zip(blocks[P - 1]).zip(inputs) {
+                    step(&mut acc, std::array::from_fn(|p| [a, b][p.min(1)]), x);
+                }
+            }
+        }
         for r in 0..rows {
-            let row: [f32; PANEL] = bytemuck::cast(acc[r]);
-            dst[r * dst_stride..r * dst_stride + PANEL].copy_from_slice(&row);
+            for p in 0..P {
+                let row: [f32; PANEL] = bytemuck::cast(acc[r][p]);
+                let at = r * dst_stride + p * PANEL;
+                dst[at..at + PANEL].copy_from_slice(&row);
+            }
         }
     }
 }
