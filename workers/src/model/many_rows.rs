@@ -11,8 +11,9 @@
 //! - The input rows are packed once per product into strips of `STRIP` rows, their values
 //!   interleaved step by step (`Strips`); every panel of weights reads them from there.
 //! - A register tile of 6 rows × 16 outputs (6 × 64, two panels, with AVX-512): 12
-//!   accumulators (24), two weight vectors (four) and one broadcast input per row and step. Half a panel of weights (16 outputs × `K_BLOCK`
-//!   steps) stays in L1 while every strip passes over it; the strips of a row block
+//!   accumulators (24), two weight vectors (four) and one broadcast input per row and step.
+//!   Half a panel of weights (16 outputs × `K_BLOCK` steps; two panels × `k_block` steps
+//!   with AVX-512) stays in L1 while every strip passes over it; the strips of a row block
 //!   (`BLOCK_STRIPS`) stay in L2 while every panel passes over them. Each tile prefetches a
 //!   share of the next panel's weights, and the outputs of the next strip.
 //! - Each output starts from the bias and adds the products step after step in input order,
@@ -36,9 +37,9 @@ pub const K_BLOCK: usize = 384;
 
 /// Full panels per tile for `isa`'s kernel: the AVX-512 tiles take two adjacent panels (64
 /// outputs: four weight vectors a step), so that each broadcast input feeds four multiply-adds
-/// rather than two. A C loop of this kernel's steps, its operands in L1, ran at 81 % of the
-/// measured peak with two vectors a row and 88 % with four (195 against 211 GFLOP/s on an
-/// Intel Xeon with AMX). End to end, side by side with one panel a tile (`bench/ab.py`, 15
+/// rather than two. A C loop of this kernel's steps, its operands in L1, ran at 195 GFLOP/s
+/// with two vectors a row and 211-232 with four (two forms of the loop), against a measured
+/// peak of 240, on an Intel Xeon with AMX. End to end, side by side with one panel a tile (`bench/ab.py`, 15
 /// repeats, two runs): 0.89 / 0.90x the time at 8 sentences, 0.92 / 0.94x at 32, 0.95x at 128
 /// (the products alone on weights kept in cache, `many_rows_product_speed`: within the
 /// noise). The AVX2 tiles have no registers to spare for it.
