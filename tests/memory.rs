@@ -60,15 +60,6 @@ fn an_extra_all_mpnet_base_v2_worker_costs_a_few_mib_too() {
     extra_worker_costs_a_few_mib(&mpnet_dir());
 }
 
-/// `AnonHugePages` of a process, KiB.
-fn anon_huge_pages_kib(pid: i32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("AnonHugePages:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// The packed weights ask for transparent huge pages (`region.rs`): where the kernel gives
 /// them (`madvise` or `always`), the master holds all-MiniLM-L6-v2's ~40 MiB of encoder
 /// weights on them and the workers map the very same pages, still shared after requests.
@@ -90,8 +81,8 @@ fn the_packed_weights_are_shared_on_huge_pages_where_the_kernel_gives_them() {
     pids.extend(server.worker_pids());
     assert_eq!(pids.len(), 3, "{pids:?}");
     for pid in pids {
-        let huge = anon_huge_pages_kib(pid);
-        let private = memory_of(pid).uss();
+        let memory = memory_of(pid);
+        let (huge, private) = (memory.anon_huge_pages, memory.uss());
         eprintln!("pid {pid}: AnonHugePages {huge} KiB, private {private} KiB");
         // 21 huge pages measured (42 MiB); a few may fall back to 4 KiB pages on a host
         // short of free 2 MiB blocks.

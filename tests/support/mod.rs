@@ -301,16 +301,9 @@ impl Drop for Server {
             // Not `send_signal`: a worker listed here may exit on its own before the signal
             // (one retiring after max_requests did, and its failed kill failed a test that
             // had passed).
-            let kill = |pid: i32| {
-                let _ = Command::new("kill")
-                    .arg("-KILL")
-                    .arg(pid.to_string())
-                    .stderr(Stdio::null())
-                    .status();
-            };
-            kill(self.pid());
+            try_signal(self.pid(), "KILL");
             for pid in workers {
-                kill(pid);
+                try_signal(pid, "KILL");
             }
             let _ = self.child.wait();
         }
@@ -376,13 +369,18 @@ pub fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
 
-pub fn send_signal(pid: i32, sig: &str) {
-    let status = Command::new("kill")
+/// `kill -SIG pid`: whether the signal was delivered (not if the process had already gone).
+pub fn try_signal(pid: i32, sig: &str) -> bool {
+    Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
+        .stderr(Stdio::null())
         .status()
-        .expect("kill");
-    assert!(status.success(), "kill -{sig} {pid} failed");
+        .is_ok_and(|status| status.success())
+}
+
+pub fn send_signal(pid: i32, sig: &str) {
+    assert!(try_signal(pid, sig), "kill -{sig} {pid} failed");
 }
 
 /// Children of `parent`, from the ppid field of /proc/PID/stat.
@@ -418,6 +416,8 @@ pub struct Memory {
     pub pss: u64,
     pub private_clean: u64,
     pub private_dirty: u64,
+    /// Anonymous memory on transparent huge pages.
+    pub anon_huge_pages: u64,
 }
 
 impl Memory {
@@ -440,6 +440,7 @@ pub fn memory_of(pid: i32) -> Memory {
             "Pss:" => m.pss = v,
             "Private_Clean:" => m.private_clean = v,
             "Private_Dirty:" => m.private_dirty = v,
+            "AnonHugePages:" => m.anon_huge_pages = v,
             _ => {}
         }
     }
