@@ -435,11 +435,12 @@ impl Linear {
         let strips = Strips::new(x, rows, k);
         let k_block = many_rows::k_block(isa);
         let group = many_rows::panels_per_tile(isa);
-        let full: Vec<usize> = self
+        // Outputs `from..full_to` are whole panels (only the matrix's last may be narrow).
+        let full_panels = self
             .panel_spans(from, to)
-            .filter(|&(_, width)| width == PANEL)
-            .map(|(first, _)| first)
-            .collect();
+            .filter(|&(_, w)| w == PANEL)
+            .count();
+        let full_to = from + full_panels * PANEL;
         // f16 weights widened a block at a time, into 64-byte aligned memory (in a plain Vec
         // every other 32-byte load of the tiles straddled two cache lines).
         let mut widened = Aligned::<f32>::new(match weights {
@@ -450,7 +451,17 @@ impl Linear {
             let strips_in_block = (s0, strips.count().min(s0 + many_rows::BLOCK_STRIPS));
             for k0 in (0..k).step_by(k_block) {
                 let len = k_block.min(k - k0) * PANEL;
-                for firsts in full.chunks(group) {
+                // What the next group of panels reads at these steps (a prefetch hint: nothing
+                // past this call's outputs).
+                let next = |first: usize| match first + group * PANEL < to {
+                    true => weights.bytes(first * k + k0 * PANEL + group * PANEL * k, len),
+                    false => &[],
+                };
+                let start = |first: usize| match k0 {
+                    0 => self.bias[first..].first_chunk::<PANEL>(),
+                    _ => None,
+                };
+                for a in (from..full_to).step_by(group * PANEL) {
                     let mut wide = widened.as_mut_slice().chunks_exact_mut(len.max(1));
                     let mut block = |first: usize| -> &[[f32; PANEL]] {
                         let at = first * k + k0 * PANEL;
@@ -464,19 +475,11 @@ impl Linear {
                             }
                         })
                     };
-                    // What the next group of panels reads at these steps (a prefetch hint:
-                    // nothing past this call's outputs).
-                    let next = |first: usize| match first + group * PANEL < to {
-                        true => weights.bytes(first * k + k0 * PANEL + group * PANEL * k, len),
-                        false => &[],
-                    };
-                    let start = |first: usize| match k0 {
-                        0 => self.bias[first..].first_chunk::<PANEL>(),
-                        _ => None,
-                    };
-                    let dst = &mut dst[firsts[0] - from..];
-                    match *firsts {
-                        [a] => many_rows::block_product(
+                    let dst = &mut dst[a - from..];
+                    // Two panels a tile where the kernel takes two and both are whole; else one.
+                    let b = a + PANEL;
+                    match group == 2 && b < full_to {
+                        false => many_rows::block_product(
                             isa,
                             &strips,
                             strips_in_block,
@@ -487,7 +490,7 @@ impl Linear {
                             dst,
                             dst_stride,
                         ),
-                        [a, b] => many_rows::block_product(
+                        true => many_rows::block_product(
                             isa,
                             &strips,
                             strips_in_block,
@@ -498,7 +501,6 @@ impl Linear {
                             dst,
                             dst_stride,
                         ),
-                        _ => unreachable!("panels_per_tile is 1 or 2"),
                     }
                 }
             }

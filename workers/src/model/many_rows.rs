@@ -15,7 +15,8 @@
 //!   Half a panel of weights (16 outputs × `K_BLOCK` steps; two panels × `k_block` steps
 //!   with AVX-512) stays in L1 while every strip passes over it; the strips of a row block
 //!   (`BLOCK_STRIPS`) stay in L2 while every panel passes over them. Each tile prefetches a
-//!   share of the next panel's weights, and the outputs of the next strip.
+//!   share of the next panel's weights (the AVX2 tiles also the outputs of the next strip;
+//!   in the AVX-512 kernel that took 1.01-1.02x the time, side by side).
 //! - Each output starts from the bias and adds the products step after step in input order,
 //!   one fused multiply-add each: the very operations of the few-rows kernel, in the same
 //!   order. So both routes give the same bits, and a row's result does not depend on how
@@ -404,7 +405,8 @@ mod avx512 {
                 step(&mut acc, std::array::from_fn(|_| w), x)
             }),
             // Two panels: one step an iteration (24 multiply-adds); zipped, so that the loop
-            // has no bounds checks.
+            // has no bounds checks (`P - 1` and `min(1)` only let the arm compile for P = 1,
+            // where it never runs).
             _ => {
                 for ((a, b), x) in blocks[0].iter().zip(blocks[P - 1]).zip(inputs) {
                     step(&mut acc, std::array::from_fn(|p| [a, b][p.min(1)]), x);
