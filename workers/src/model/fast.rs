@@ -319,14 +319,14 @@ impl FastEncoder {
     fn run_group(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<f32>, String> {
         let h = self.hidden;
         let total: usize = sentences.iter().map(|s| s.len()).sum();
-        let mut x = vec![0f32; total * h];
         if total == 0 {
-            return Ok(x);
+            return Ok(Vec::new());
         }
+        // Kept by the thread from pass to pass (`reuse`); the result is copied out of `x`.
+        let mut x = reuse::buffer(total * h);
         self.embed_tokens(sentences, &mut x)?;
 
         let inter = self.layers.first().map_or(0, |l| l.intermediate.outputs);
-        // Kept by the thread from pass to pass (`reuse`); `x` is handed out with the result.
         let mut qkv = reuse::buffer(total * 3 * h);
         let mut context = reuse::buffer(total * h);
         let mut projected = reuse::buffer(total * h);
@@ -369,11 +369,11 @@ impl FastEncoder {
                 .rows(&mut projected[..values], Some(&x[..values]), h, self.eps);
             std::mem::swap(&mut x, &mut projected);
         }
-        for buffer in [qkv, context, projected, intermediate, scores] {
+        let states = x[..total * h].to_vec();
+        for buffer in [x, qkv, context, projected, intermediate, scores] {
             reuse::give_back(buffer);
         }
-        x.truncate(total * h);
-        Ok(x)
+        Ok(states)
     }
 
     /// Self-attention for every sentence and head, reading Q, K and V in place from the

@@ -18,6 +18,7 @@
 //! read per token, widened to f32 in registers (F16C) or a block at a time, so every product
 //! still computes in f32.
 
+use super::aligned::Aligned;
 use super::kernels::{matmul, MatRef};
 use super::many_rows::{self, Strips};
 use super::region::{Region, RegionBuilder, Span};
@@ -98,36 +99,6 @@ enum Packed {
     },
 }
 
-/// Values that start on a 64-byte boundary (a cache line). malloc gives large blocks 16-byte
-/// alignment, and then every other 32-byte load of the kernel straddles two cache lines.
-struct Aligned<T> {
-    buffer: Vec<T>,
-    /// Where the values start in `buffer`: they run to its end.
-    start: usize,
-}
-
-impl<T: Copy + Default> Aligned<T> {
-    /// `len` default values, to be filled through `as_mut_slice`.
-    fn new(len: usize) -> Aligned<T> {
-        let spare = 64 / std::mem::size_of::<T>();
-        let mut buffer = Vec::with_capacity(len + spare);
-        let misaligned = buffer.as_ptr() as usize % 64 / std::mem::size_of::<T>();
-        let start = (spare - misaligned) % spare;
-        // Within the capacity: the buffer is never moved, so `start` stays on the boundary.
-        buffer.resize(start + len, T::default());
-        debug_assert_eq!(buffer[start..].as_ptr() as usize % 64, 0);
-        Aligned { buffer, start }
-    }
-
-    fn as_slice(&self) -> &[T] {
-        &self.buffer[self.start..]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [T] {
-        &mut self.buffer[self.start..]
-    }
-}
-
 /// The packed weights from some point on.
 #[derive(Clone, Copy)]
 enum Weights<'a> {
@@ -202,7 +173,7 @@ impl Linear {
             unreachable!("output index within the sum of the parts")
         };
         let mut aligned = Aligned::new(inputs * outputs);
-        let packed = aligned.as_mut_slice();
+        let packed = &mut aligned[..];
         for first in (0..outputs).step_by(PANEL) {
             let width = PANEL.min(outputs - first);
             let panel = &mut packed[first * inputs..(first + width) * inputs];
@@ -226,7 +197,7 @@ impl Linear {
         let packed = match (precision, self.weights()) {
             (Precision::F16, Weights::F32(w)) => {
                 let mut halves = Aligned::new(w.len());
-                for (h, &v) in halves.as_mut_slice().iter_mut().zip(w) {
+                for (h, &v) in halves.iter_mut().zip(w) {
                     *h = f16::from_f32(v);
                     if !h.is_finite() {
                         return Err(format!(
@@ -271,8 +242,8 @@ impl Linear {
 
     fn weights(&self) -> Weights<'_> {
         match &self.packed {
-            Packed::F32(w) => Weights::F32(w.as_slice()),
-            Packed::F16(w) => Weights::F16(w.as_slice()),
+            Packed::F32(w) => Weights::F32(w),
+            Packed::F16(w) => Weights::F16(w),
             Packed::InRegion {
                 region,
                 span,
@@ -462,7 +433,7 @@ impl Linear {
                     _ => None,
                 };
                 for a in (from..full_to).step_by(group * PANEL) {
-                    let mut wide = widened.as_mut_slice().chunks_exact_mut(len.max(1));
+                    let mut wide = widened.chunks_exact_mut(len.max(1));
                     let mut block = |first: usize| -> &[[f32; PANEL]] {
                         let at = first * k + k0 * PANEL;
                         bytemuck::cast_slice(match weights {

@@ -22,6 +22,7 @@
 //!   order. So both routes give the same bits, and a row's result does not depend on how
 //!   many rows it is computed with (`a_row_does_not_depend_on_its_neighbours`).
 
+use super::aligned::Aligned;
 use super::linear::{Isa, PANEL};
 use super::reuse;
 
@@ -70,7 +71,7 @@ pub const BLOCK_STRIPS: usize = 20;
 /// rows, whose results are never stored.
 pub struct Strips {
     /// `[f32; STRIP]` per step, strip after strip; a buffer kept by the thread (`reuse`).
-    values: Vec<f32>,
+    values: Aligned<f32>,
     pub rows: usize,
     k: usize,
 }
@@ -79,7 +80,7 @@ impl Strips {
     pub fn new(x: &[f32], rows: usize, k: usize) -> Strips {
         let count = rows.div_ceil(STRIP);
         let mut values = reuse::buffer(count * k * STRIP);
-        let steps: &mut [[f32; STRIP]] = bytemuck::cast_slice_mut(&mut values);
+        let steps: &mut [[f32; STRIP]] = bytemuck::cast_slice_mut(&mut values[..]);
         // Strip by strip, each step written whole from its rows: the writes go in order.
         // Row by row, every step of a strip was written six times, a lane at a time: perf put
         // the packing at 4.1 % of the tiles' cycles on 32 sentences, 2.9 % this way; end to
@@ -109,7 +110,7 @@ impl Strips {
 
     /// Strip `s`'s inputs at steps `k0..k0 + steps`, and its row count.
     fn strip(&self, s: usize, k0: usize, steps: usize) -> (&[[f32; STRIP]], usize) {
-        let all: &[[f32; STRIP]] = bytemuck::cast_slice(&self.values);
+        let all: &[[f32; STRIP]] = bytemuck::cast_slice(&self.values[..]);
         let inputs = &all[s * self.k + k0..s * self.k + k0 + steps];
         (inputs, STRIP.min(self.rows - s * STRIP))
     }

@@ -5,6 +5,7 @@
 //! reads files and copies the weights into plain vectors. Everything that computes runs in
 //! workers.
 
+mod aligned;
 mod architecture;
 mod candle;
 mod dense;

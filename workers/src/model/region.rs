@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 const HUGE_PAGE: usize = 2 << 20;
 
-/// Where each matrix starts: a cache line, as `linear::Aligned` gives heap blocks (a 32-byte
+/// Where each matrix starts: a cache line, as `aligned::Aligned` gives heap blocks (a 32-byte
 /// load straddling two lines costs the kernels).
 const ALIGN: usize = 64;
 
