@@ -462,19 +462,19 @@ impl FastEncoder {
         }
     }
 
-    /// Attention scores `[n, n]` of head `head` into weights, row by row: MPNet's relative
-    /// position bias added, then softmax.
+    /// Attention scores `[n, n]` of head `head` into weights: MPNet's relative position bias
+    /// added, then softmax row by row.
     fn attention_weights(&self, scores: &mut [f32], n: usize, head: usize) {
-        for (r, row) in scores[..n * n].chunks_exact_mut(n).enumerate() {
-            if let Some(bias) = &self.relative_bias {
+        if let Some(bias) = &self.relative_bias {
+            for (r, row) in scores[..n * n].chunks_exact_mut(n).enumerate() {
                 // Keys j = 0..n sit at distances j - r: a contiguous run of the table.
                 let from = bias.span - r;
                 row.iter_mut()
                     .zip(&bias.by_head[head][from..from + n])
                     .for_each(|(s, b)| *s += b);
             }
-            softmax(row);
         }
+        softmax(&mut scores[..n * n], n);
     }
 }
 

@@ -45,14 +45,22 @@ fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Softmax over one row, in place.
+/// Softmax over each row of `n` values of `rows`, in place. The exponentials of the whole
+/// block in one loop: a short sentence's rows (7 or so values) were each too short for the
+/// vector loop, so every value took the scalar `exp` (1.2 % of a 32-connection pass's
+/// cycles, perf). The same operations on every value as row by row.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-pub fn softmax(row: &mut [f32]) {
+pub fn softmax(rows: &mut [f32], n: usize) {
     const FMA: bool = selected_target!().supports_feature_str("fma");
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    row.iter_mut().for_each(|v| *v = exp::<FMA>(*v - max));
-    let inv = 1.0 / sum_by(row, |v| v);
-    row.iter_mut().for_each(|v| *v *= inv);
+    for row in rows.chunks_exact_mut(n.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        row.iter_mut().for_each(|v| *v -= max);
+    }
+    rows.iter_mut().for_each(|v| *v = exp::<FMA>(*v));
+    for row in rows.chunks_exact_mut(n.max(1)) {
+        let inv = 1.0 / sum_by(row, |v| v);
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
 }
 
 /// One attention head of one sentence, read in place from the packed `[tokens, 3·hidden]`
@@ -556,13 +564,16 @@ mod tests {
 
     #[test]
     fn softmax_and_layer_norm() {
-        let mut r = [1.0, 2.0, 3.0];
-        softmax(&mut r);
-        assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6 && r[2] > r[1] && r[1] > r[0]);
+        // Two rows, the second shifted: each its own softmax, the same values.
+        let mut r = [1.0, 2.0, 3.0, 11.0, 12.0, 13.0];
+        softmax(&mut r, 3);
         let expected = [1.0f32.exp(), 2.0f32.exp(), 3.0f32.exp()];
         let sum: f32 = expected.iter().sum();
-        for (got, want) in r.iter().zip(expected) {
-            assert!((got - want / sum).abs() < 1e-7);
+        for row in r.chunks(3) {
+            assert!(row.iter().sum::<f32>() - 1.0 < 1e-6 && row[2] > row[1] && row[1] > row[0]);
+            for (got, want) in row.iter().zip(expected) {
+                assert!((got - want / sum).abs() < 1e-7);
+            }
         }
         let mut x = [1.0, 2.0, 3.0, 4.0];
         layer_norm(&mut x, Some(&[1.0; 4]), &[1.0; 4], &[0.0; 4], 1e-12);
