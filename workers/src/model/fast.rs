@@ -18,6 +18,7 @@
 //! The weights are copied out of the safetensors map into plain `Vec<f32>` in the master before
 //! fork, so every worker shares them copy-on-write.
 
+use super::aligned::Aligned;
 use super::architecture::{mpnet_bucket, EncoderConfig, Family, HiddenAct, MPNET_BUCKETS};
 use super::kernels::{
     attention_scores, attention_values, gelu_erf, gelu_tanh, layer_norm, matmul, relu, silu,
@@ -248,19 +249,28 @@ impl FastEncoder {
     /// large enough to be efficient and the threads share nothing but the weights. (gemm's own
     /// parallelism scales poorly on the few dozen rows a request has.) A single sentence
     /// splits each product's outputs between the threads instead (`Linear::forward`).
-    pub fn hidden_states(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<f32>, String> {
+    ///
+    /// The states are in a buffer of the calling thread's (`reuse`): give it back when done.
+    pub fn hidden_states(
+        &self,
+        sentences: &[&[u32]],
+        threads: usize,
+    ) -> Result<Aligned<f32>, String> {
         if threads <= 1 || sentences.len() <= 1 {
             return self.run_group(sentences, threads);
         }
         let groups = split_by_tokens(sentences, threads);
-        let results: Vec<Result<Vec<f32>, String>> = groups
+        let results: Vec<Result<Aligned<f32>, String>> = groups
             .into_par_iter()
             .map(|group| self.run_group(group, 1))
             .collect();
-        let mut out =
-            Vec::with_capacity(sentences.iter().map(|s| s.len()).sum::<usize>() * self.hidden);
+        let mut out = reuse::buffer(sentences.iter().map(|s| s.len()).sum::<usize>() * self.hidden);
+        let mut at = 0;
         for r in results {
-            out.extend(r?);
+            let r = r?;
+            out[at..at + r.len()].copy_from_slice(&r);
+            at += r.len();
+            reuse::give_back(r);
         }
         Ok(out)
     }
@@ -316,13 +326,16 @@ impl FastEncoder {
         Ok(())
     }
 
-    fn run_group(&self, sentences: &[&[u32]], threads: usize) -> Result<Vec<f32>, String> {
+    /// The hidden states of `sentences`' tokens, in a buffer kept by this thread (`reuse`).
+    fn run_group(&self, sentences: &[&[u32]], threads: usize) -> Result<Aligned<f32>, String> {
         let h = self.hidden;
         let total: usize = sentences.iter().map(|s| s.len()).sum();
         if total == 0 {
-            return Ok(Vec::new());
+            return Ok(Aligned::default());
         }
-        // Kept by the thread from pass to pass (`reuse`); the result is copied out of `x`.
+        // Kept by the thread from pass to pass (`reuse`), as are the result's (`x`'s): a new
+        // one for every pass was mapped, faulted in page by page and unmapped (malloc maps
+        // blocks of 128 KiB and more afresh).
         let mut x = reuse::buffer(total * h);
         self.embed_tokens(sentences, &mut x)?;
 
@@ -369,11 +382,10 @@ impl FastEncoder {
                 .rows(&mut projected[..values], Some(&x[..values]), h, self.eps);
             std::mem::swap(&mut x, &mut projected);
         }
-        let states = x[..total * h].to_vec();
-        for buffer in [x, qkv, context, projected, intermediate, scores] {
+        for buffer in [qkv, context, projected, intermediate, scores] {
             reuse::give_back(buffer);
         }
-        Ok(states)
+        Ok(x)
     }
 
     /// Self-attention for every sentence and head, reading Q, K and V in place from the

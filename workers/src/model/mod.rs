@@ -24,6 +24,7 @@ mod weights;
 use std::collections::HashMap;
 use std::path::Path;
 
+use aligned::Aligned;
 use architecture::EncoderConfig;
 pub use architecture::Family;
 pub use dense::Activation;
@@ -195,16 +196,23 @@ impl SentenceEncoder {
         })
     }
 
-    fn hidden_states(&self, batch: &[&Tokens]) -> Result<Vec<f32>, EmbedError> {
+    /// Every token's hidden state, in a buffer kept by this thread: give it back
+    /// (`reuse::give_back`) when done.
+    fn hidden_states(&self, batch: &[&Tokens]) -> Result<Aligned<f32>, EmbedError> {
         let ids: Vec<&[u32]> = batch.iter().map(|t| t.ids.as_slice()).collect();
         match &self.encoder {
             // Inside the worker's compute pool: its size is this worker's `threads`.
             Encoder::Fast(e) => e
                 .hidden_states(&ids, rayon::current_num_threads())
                 .map_err(EmbedError::Inference),
-            Encoder::Candle(e) => e
-                .hidden_states(&ids, self.pad_id)
-                .map_err(|e| EmbedError::Inference(e.to_string())),
+            Encoder::Candle(e) => {
+                let states = e
+                    .hidden_states(&ids, self.pad_id)
+                    .map_err(|e| EmbedError::Inference(e.to_string()))?;
+                let mut kept = reuse::buffer(states.len());
+                kept.copy_from_slice(&states);
+                Ok(kept)
+            }
         }
     }
 }
@@ -325,10 +333,12 @@ impl Embedder for SentenceEncoder {
         let states = self.hidden_states(batch)?;
         let h = self.hidden;
         let mut rows = states.chunks_exact(h).map(<[f32]>::to_vec);
-        Ok(batch
+        let tokens = batch
             .iter()
             .map(|t| rows.by_ref().take(t.len()).collect())
-            .collect())
+            .collect();
+        reuse::give_back(states);
+        Ok(tokens)
     }
 
     fn pieces(
@@ -355,6 +365,7 @@ impl Embedder for SentenceEncoder {
         }
         let states = self.hidden_states(batch)?;
         let mut vectors = self.pooling.pool(&states, self.hidden, batch);
+        reuse::give_back(states);
         for step in &self.steps {
             match step {
                 PostStep::Dense(dense) => vectors = dense.forward(&vectors),
