@@ -10,8 +10,9 @@ use std::ops::{Deref, DerefMut};
 /// `len` values from the first 64-byte boundary of a `Vec` of their own.
 pub struct Aligned<T> {
     buffer: Vec<T>,
-    /// Where the values start in `buffer`: they run to its end.
+    /// Where the values start in `buffer`.
     start: usize,
+    len: usize,
 }
 
 impl<T: Copy + Default> Aligned<T> {
@@ -24,15 +25,19 @@ impl<T: Copy + Default> Aligned<T> {
     }
 
     /// `len` values in `buffer`'s memory, grown first if it cannot hold them from its first
-    /// boundary: what it held there (default values where it grew).
+    /// boundary: what it held there (default values where it grew). The `Vec` is never
+    /// shortened, so that values it held once are not written again (a kept buffer used for
+    /// passes of alternating sizes was cleared anew at every larger one).
     pub fn within(mut buffer: Vec<T>, len: usize) -> Aligned<T> {
         buffer.reserve(Self::capacity_for(len).saturating_sub(buffer.len()));
         let misaligned = buffer.as_ptr() as usize % 64 / std::mem::size_of::<T>();
         let start = (Self::SPARE - misaligned) % Self::SPARE;
         // Within the capacity: the buffer is not moved, so `start` stays on the boundary.
-        buffer.resize(start + len, T::default());
+        if buffer.len() < start + len {
+            buffer.resize(start + len, T::default());
+        }
         debug_assert_eq!(buffer[start..].as_ptr() as usize % 64, 0);
-        Aligned { buffer, start }
+        Aligned { buffer, start, len }
     }
 
     /// The capacity a `Vec` needs for `within` to keep it where it is.
@@ -51,6 +56,7 @@ impl<T> Default for Aligned<T> {
         Aligned {
             buffer: Vec::new(),
             start: 0,
+            len: 0,
         }
     }
 }
@@ -59,13 +65,13 @@ impl<T> Deref for Aligned<T> {
     type Target = [T];
 
     fn deref(&self) -> &[T] {
-        &self.buffer[self.start..]
+        &self.buffer[self.start..self.start + self.len]
     }
 }
 
 impl<T> DerefMut for Aligned<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.buffer[self.start..]
+        &mut self.buffer[self.start..self.start + self.len]
     }
 }
 
@@ -84,9 +90,13 @@ mod tests {
         // Reused: the same memory when it is large enough, whatever it held kept.
         let mut a = Aligned::<f32>::new(1000);
         a[0] = 7.0;
+        a[999] = 5.0;
         let at = a.as_ptr();
         let b = Aligned::within(a.into_vec(), 500);
         assert_eq!((b.as_ptr(), b.len(), b[0]), (at, 500, 7.0));
+        // Longer again: the values held before are still there, not cleared.
+        let b = Aligned::within(b.into_vec(), 1000);
+        assert_eq!((b.as_ptr(), b.len(), b[0], b[999]), (at, 1000, 7.0, 5.0));
         // Grown: on a boundary again.
         let c = Aligned::within(b.into_vec(), 300_000);
         assert_eq!((c.len(), c.as_ptr() as usize % 64), (300_000, 0));

@@ -47,14 +47,24 @@ fn bytes(buffer: &Vec<f32>) -> usize {
 /// grew): every caller writes before it reads, and clearing them cost ~2 % of a pass (perf).
 pub fn buffer(len: usize) -> Aligned<f32> {
     let needed = Aligned::<f32>::capacity_for(len);
+    // The smallest that holds `len`; else the largest, grown: a new buffer beside the kept ones
+    // would leave them unused while the pass's sizes grow, and once the bound is reached every
+    // larger pass would map, fault in and free buffers anew (~0.8 % of a 32-connection pass's
+    // cycles in page faults and clearing, perf, when requests of different sizes alternate).
     let kept = KEPT.with_borrow_mut(|Kept(kept)| {
-        let best = kept
+        let fits = kept
             .iter()
             .enumerate()
             .filter(|(_, b)| b.capacity() >= needed)
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i);
-        best.map(|i| kept.swap_remove(i))
+        let largest = || {
+            kept.iter()
+                .enumerate()
+                .max_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i)
+        };
+        fits.or_else(largest).map(|i| kept.swap_remove(i))
     });
     if let Some(buffer) = &kept {
         KEPT_BYTES.fetch_sub(bytes(buffer), Ordering::Relaxed);
