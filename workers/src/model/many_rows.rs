@@ -186,15 +186,31 @@ pub fn block_product<const P: usize>(
     unreachable!("the many-rows route is chosen only on a CPU with AVX2 and FMA");
 }
 
-/// Tile `tile`'s share of `next` when `tiles` tiles share it out evenly, in whole cache lines:
-/// each prefetches its share before its steps. Measured end to end on the AVX2 kernel (32
-/// and 128 sentences): a strip's share at once before its two tiles stalled on the
-/// prefetches (4 % of the cycles, perf), and one line every few steps took 1.2x the time of
-/// this (the step loop compiled worse).
-fn prefetch_share(next: &[u8], tiles: usize, tile: usize) -> &[u8] {
-    let share = next.len().div_ceil(tiles).next_multiple_of(64);
-    let from = (tile * share).min(next.len());
-    &next[from..next.len().min(from + share)]
+/// `next` shared out evenly among `tiles` tiles, in whole cache lines: each prefetches its
+/// share before its steps. Measured end to end on the AVX2 kernel (32 and 128 sentences): a
+/// strip's share at once before its two tiles stalled on the prefetches (4 % of the cycles,
+/// perf), and one line every few steps took 1.2x the time of this (the step loop compiled
+/// worse). The share's size is worked out once per block: per tile, its two divisions were
+/// most of the loop around the tiles.
+#[derive(Clone, Copy)]
+struct Shares<'a> {
+    next: &'a [u8],
+    share: usize,
+}
+
+impl<'a> Shares<'a> {
+    #[inline(always)]
+    fn new(next: &'a [u8], tiles: usize) -> Shares<'a> {
+        let share = next.len().div_ceil(tiles.max(1)).next_multiple_of(64);
+        Shares { next, share }
+    }
+
+    /// Tile `tile`'s share.
+    #[inline(always)]
+    fn of(self, tile: usize) -> &'a [u8] {
+        let from = (tile * self.share).min(self.next.len());
+        &self.next[from..self.next.len().min(from + self.share)]
+    }
 }
 
 /// `step` on every step of a block, two per iteration: one step a loop iteration was 23
@@ -221,7 +237,7 @@ pub fn available() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::super::linear::prefetch;
-    use super::{prefetch_share, Strips, PANEL, STRIP};
+    use super::{Shares, Strips, PANEL, STRIP};
     use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps};
 
     #[allow(clippy::too_many_arguments)]
@@ -236,8 +252,8 @@ mod avx2 {
         dst: &mut [f32],
         dst_stride: usize,
     ) {
-        // Two tiles per strip (the halves) share the next block (`prefetch_share`).
-        let tiles = 2 * (last - first);
+        // Two tiles per strip (the halves) share the next block.
+        let shares = Shares::new(next, 2 * (last - first));
         // The first half of the panel over every strip, then the second: a half's 16 KiB of
         // weights stays in L1 while the strips (from L2) pass over it. Both halves per strip
         // (32 KiB, all of L1) left the weights to come from L2: measured end to end, side by
@@ -260,13 +276,13 @@ mod avx2 {
             }
             let (inputs, rows) = strips.strip(s, k0, block.len());
             let dst = &mut dst[s * STRIP * dst_stride..];
-            let share = prefetch_share(next, tiles, s - first);
+            let share = shares.of(s - first);
             tile_half::<0>(block, inputs, rows, start, share, dst, dst_stride);
         }
         for s in first..last {
             let (inputs, rows) = strips.strip(s, k0, block.len());
             let dst = &mut dst[s * STRIP * dst_stride..];
-            let share = prefetch_share(next, tiles, last - first + s - first);
+            let share = shares.of(last - first + s - first);
             tile_half::<1>(block, inputs, rows, start, share, dst, dst_stride);
         }
     }
@@ -327,7 +343,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::super::linear::prefetch;
-    use super::{prefetch_share, Strips, PANEL, STRIP};
+    use super::{Shares, Strips, PANEL, STRIP};
     use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_setzero_ps};
 
     #[allow(clippy::too_many_arguments)]
@@ -343,14 +359,18 @@ mod avx512 {
         dst_stride: usize,
     ) {
         let steps = blocks[0].len();
+        // Loops rather than `next.map`: the closure did not inline into this function
+        // (compiled for other features), 1.2 % of a batched pass's cycles (perf).
+        let mut split = [Shares::new(&[], 1); P];
+        for p in 0..P {
+            split[p] = Shares::new(next[p], last - first);
+        }
         for s in first..last {
             let (inputs, rows) = strips.strip(s, k0, steps);
             let dst = &mut dst[s * STRIP * dst_stride..];
-            // A loop rather than `next.map`: the closure did not inline into this function
-            // (compiled for other features), 1.2 % of a batched pass's cycles (perf).
             let mut shares = [&[][..]; P];
             for p in 0..P {
-                shares[p] = prefetch_share(next[p], last - first, s - first);
+                shares[p] = split[p].of(s - first);
             }
             tile(blocks, inputs, rows, start, shares, dst, dst_stride);
         }
