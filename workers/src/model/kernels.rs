@@ -584,7 +584,9 @@ mod tests {
         let expected = [1.0f32.exp(), 2.0f32.exp(), 3.0f32.exp()];
         let sum: f32 = expected.iter().sum();
         for row in r.chunks(3) {
-            assert!(row.iter().sum::<f32>() - 1.0 < 1e-6 && row[2] > row[1] && row[1] > row[0]);
+            assert!(
+                (row.iter().sum::<f32>() - 1.0).abs() < 1e-6 && row[2] > row[1] && row[1] > row[0]
+            );
             for (got, want) in row.iter().zip(expected) {
                 assert!((got - want / sum).abs() < 1e-7);
             }
