@@ -430,7 +430,9 @@ mod avx512 {
             // where it never runs). One step an iteration spent 4 of its 37 instructions on
             // the loop, integer work that competes with the multiply-adds for their ports:
             // measured end to end, side by side, two runs, 0.97-0.98x the time at 8, 32 and
-            // 128 sentences.
+            // 128 sentences. (`in_pairs` taking two blocks for both arms compiled to the same
+            // loop instructions, placed elsewhere, and measured 1.01-1.03x the time in three
+            // runs: not worth the shared code.)
             _ => {
                 let pairs = blocks[0]
                     .chunks_exact(2)
