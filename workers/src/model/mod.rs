@@ -24,7 +24,6 @@ mod weights;
 use std::collections::HashMap;
 use std::path::Path;
 
-use aligned::Aligned;
 use architecture::EncoderConfig;
 pub use architecture::Family;
 pub use dense::Activation;
@@ -196,22 +195,30 @@ impl SentenceEncoder {
         })
     }
 
-    /// Every token's hidden state, in a buffer kept by this thread: give it back
-    /// (`reuse::give_back`) when done.
-    fn hidden_states(&self, batch: &[&Tokens]) -> Result<Aligned<f32>, EmbedError> {
+    /// `use_states` on every token's hidden state (rows of `hidden` values). The fast
+    /// encoder's are in a buffer this thread keeps from pass to pass (`reuse`), given back
+    /// here once used.
+    fn with_hidden_states<T>(
+        &self,
+        batch: &[&Tokens],
+        use_states: impl FnOnce(&[f32]) -> T,
+    ) -> Result<T, EmbedError> {
         let ids: Vec<&[u32]> = batch.iter().map(|t| t.ids.as_slice()).collect();
         match &self.encoder {
             // Inside the worker's compute pool: its size is this worker's `threads`.
-            Encoder::Fast(e) => e
-                .hidden_states(&ids, rayon::current_num_threads())
-                .map_err(EmbedError::Inference),
+            Encoder::Fast(e) => {
+                let states = e
+                    .hidden_states(&ids, rayon::current_num_threads())
+                    .map_err(EmbedError::Inference)?;
+                let used = use_states(&states);
+                reuse::give_back(states);
+                Ok(used)
+            }
             Encoder::Candle(e) => {
                 let states = e
                     .hidden_states(&ids, self.pad_id)
                     .map_err(|e| EmbedError::Inference(e.to_string()))?;
-                let mut kept = reuse::buffer(states.len());
-                kept.copy_from_slice(&states);
-                Ok(kept)
+                Ok(use_states(&states))
             }
         }
     }
@@ -330,15 +337,13 @@ impl Embedder for SentenceEncoder {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let states = self.hidden_states(batch)?;
-        let h = self.hidden;
-        let mut rows = states.chunks_exact(h).map(<[f32]>::to_vec);
-        let tokens = batch
-            .iter()
-            .map(|t| rows.by_ref().take(t.len()).collect())
-            .collect();
-        reuse::give_back(states);
-        Ok(tokens)
+        self.with_hidden_states(batch, |states| {
+            let mut rows = states.chunks_exact(self.hidden).map(<[f32]>::to_vec);
+            batch
+                .iter()
+                .map(|t| rows.by_ref().take(t.len()).collect())
+                .collect()
+        })
     }
 
     fn pieces(
@@ -363,9 +368,9 @@ impl Embedder for SentenceEncoder {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let states = self.hidden_states(batch)?;
-        let mut vectors = self.pooling.pool(&states, self.hidden, batch);
-        reuse::give_back(states);
+        let mut vectors = self.with_hidden_states(batch, |states| {
+            self.pooling.pool(states, self.hidden, batch)
+        })?;
         for step in &self.steps {
             match step {
                 PostStep::Dense(dense) => vectors = dense.forward(&vectors),
