@@ -423,8 +423,9 @@ impl Linear {
             Weights::F32(_) => 0,
             Weights::F16(_) => group * k_block.min(k) * PANEL,
         });
-        for s0 in (0..strips.count()).step_by(many_rows::BLOCK_STRIPS) {
-            let strips_in_block = (s0, strips.count().min(s0 + many_rows::BLOCK_STRIPS));
+        let per_block = many_rows::strips_per_block(strips.count());
+        for s0 in (0..strips.count()).step_by(per_block) {
+            let strips_in_block = (s0, strips.count().min(s0 + per_block));
             for a in (from..full_to).step_by(group * PANEL) {
                 for k0 in (0..k).step_by(k_block) {
                     let len = k_block.min(k - k0) * PANEL;
