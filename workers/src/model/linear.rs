@@ -1218,9 +1218,9 @@ mod tests {
 
     /// A row's result does not depend on the other rows it is computed with (a sentence's
     /// vector must not depend on which requests shared its pass): each row alone against the
-    /// same row inside 2 to 200 rows, by the route each count takes (both sides of
-    /// `FEW_ROWS`). With the AVX2 kernels the bits are the same; gemm (other CPUs)
-    /// may round differently.
+    /// same row inside 2 rows up to more than two blocks of strips, by the route each count
+    /// takes (both sides of `FEW_ROWS`). With the AVX2 kernels the bits are the same; gemm
+    /// (other CPUs) may round differently.
     #[test]
     fn a_row_does_not_depend_on_its_neighbours() {
         // 800 inputs: more than one block of steps for either kernel; 102 outputs: three full
@@ -1229,7 +1229,10 @@ mod tests {
         let w: Vec<f32> = (0..k * n)
             .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 997.0)
             .collect();
-        let x: Vec<f32> = (0..200 * k)
+        // Row counts on both sides of FEW_ROWS and of a block of strips, and over two blocks.
+        let block = many_rows::BLOCK_STRIPS * many_rows::STRIP;
+        let counts = [2, 3, 4, 9, 40, 41, 127, 200, block + 5, 2 * block + 7];
+        let x: Vec<f32> = (0..(2 * block + 7) * k)
             .map(|i| ((i * 104_729 % 613) as f32 - 300.0) / 611.0)
             .collect();
         for precision in [Precision::F32, Precision::F16] {
@@ -1244,8 +1247,7 @@ mod tests {
                     out
                 })
                 .collect();
-            // Both sides of FEW_ROWS (40), several blocks of strips (120 rows each).
-            for rows in [2, 3, 4, 9, 40, 41, 127, 200] {
+            for rows in counts {
                 let mut together = vec![0f32; rows * n];
                 linear.forward(&x, rows, &mut together, 1);
                 // Relative to the output's size (up to ~10 here).

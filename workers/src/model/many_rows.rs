@@ -61,17 +61,23 @@ pub fn k_block(isa: Isa) -> usize {
     }
 }
 
-/// Strips per row block: 20 strips of 384 steps are 180 KiB, which stay in L2 (512 KiB)
-/// while every panel of weights passes over them. 40 strips: no faster at 32 and 128
-/// sentences (measured side by side, with 256 steps per block).
-pub const BLOCK_STRIPS: usize = 20;
+/// Strips per row block, at most. Every block streams all of a product's weights once (from
+/// L3, each tile prefetching a share), while its strips stay in L2 as every panel passes over
+/// them: 48 strips are 432 KiB at 384 steps, 1.7 MiB at 1,536 (the feed-forward output).
+/// Measured on an Intel Xeon with 2 MiB of L2 a core, side by side with 20 strips: one-sentence
+/// requests at 32 connections (passes of ~37 strips, now one block instead of two) 1.036x the
+/// requests/s (medians of 6 rounds, every round ahead by 1.7-6.0 %; 40 strips: 1.031x), passes
+/// of 8-400 short sentences 0.98-1.0x the time; 64 strips took 1.015-1.028x the time of 40 at
+/// 100-200 sentences (blocks of 59). On a Zen 3 with 512 KiB of L2, 40 strips had been no
+/// faster than 20 (with 256 steps a block).
+pub const BLOCK_STRIPS: usize = 48;
 
 /// Strips per row block for a product of `strips` strips: at most `BLOCK_STRIPS`, the blocks
 /// as even as can be. Every block streams all the weights once, prefetched a share per tile;
-/// a short last block (23 strips were 20 + 3) has few tiles to spread that over and ran
-/// slowly. Measured, one pass per request, side by side (median pass times of 21, short
-/// sentences): 0.95-0.97x the time at 138-153 tokens (20 + 3 or 6 strips, now 12 + 11 or
-/// 13 + 13), 0.96x at 730 tokens, 0.98-0.99x elsewhere from 96 to 470.
+/// a short last block (with at most 20 strips a block, 23 strips were 20 + 3) has few tiles to
+/// spread that over and ran slowly. Measured then, one pass per request, side by side (median
+/// pass times of 21, short sentences): 0.95-0.97x the time at 138-153 tokens (20 + 3 or 6
+/// strips, as 12 + 11 or 13 + 13), 0.96x at 730 tokens, 0.98-0.99x elsewhere from 96 to 470.
 pub fn strips_per_block(strips: usize) -> usize {
     let blocks = strips.div_ceil(BLOCK_STRIPS).max(1);
     strips.div_ceil(blocks).max(1)
@@ -501,8 +507,11 @@ mod tests {
                 "{strips} strips: blocks of {per}, last {last}"
             );
         }
-        assert_eq!(strips_per_block(23), 12);
-        assert_eq!(strips_per_block(20), 20);
-        assert_eq!(strips_per_block(41), 14);
+        assert_eq!(strips_per_block(BLOCK_STRIPS), BLOCK_STRIPS);
+        assert_eq!(strips_per_block(BLOCK_STRIPS + 2), BLOCK_STRIPS / 2 + 1);
+        assert_eq!(
+            strips_per_block(2 * BLOCK_STRIPS + 1),
+            (2 * BLOCK_STRIPS + 1).div_ceil(3)
+        );
     }
 }
