@@ -423,7 +423,7 @@ impl Linear {
             Weights::F32(_) => 0,
             Weights::F16(_) => group * k_block.min(k) * PANEL,
         });
-        let per_block = many_rows::strips_per_block(strips.count());
+        let per_block = many_rows::strips_per_block(strips.count(), k);
         for s0 in (0..strips.count()).step_by(per_block) {
             let strips_in_block = (s0, strips.count().min(s0 + per_block));
             for a in (from..full_to).step_by(group * PANEL) {
@@ -1230,7 +1230,7 @@ mod tests {
             .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 997.0)
             .collect();
         // Row counts on both sides of FEW_ROWS and of a block of strips, and over two blocks.
-        let block = many_rows::BLOCK_STRIPS * many_rows::STRIP;
+        let block = many_rows::block_strips(k) * many_rows::STRIP;
         let counts = [2, 3, 4, 9, 40, 41, 127, 200, block + 5, 2 * block + 7];
         let x: Vec<f32> = (0..(2 * block + 7) * k)
             .map(|i| ((i * 104_729 % 613) as f32 - 300.0) / 611.0)

@@ -25,6 +25,7 @@
 use super::aligned::Aligned;
 use super::linear::{Isa, PANEL};
 use super::reuse;
+use std::sync::OnceLock;
 
 /// Rows per strip (per register tile).
 pub const STRIP: usize = 6;
@@ -68,18 +69,81 @@ pub fn k_block(isa: Isa) -> usize {
 /// requests at 32 connections (passes of ~37 strips, now one block instead of two) 1.036x the
 /// requests/s (medians of 6 rounds, every round ahead by 1.7-6.0 %; 40 strips: 1.031x), passes
 /// of 8-400 short sentences 0.98-1.0x the time; 64 strips took 1.015-1.028x the time of 40 at
-/// 100-200 sentences (blocks of 59). On a Zen 3 with 512 KiB of L2, 40 strips had been no
-/// faster than 20 (with 256 steps a block).
+/// 100-200 sentences (blocks of 59).
 pub const BLOCK_STRIPS: usize = 48;
 
-/// Strips per row block for a product of `strips` strips: at most `BLOCK_STRIPS`, the blocks
-/// as even as can be. Every block streams all the weights once, prefetched a share per tile;
-/// a short last block (with at most 20 strips a block, 23 strips were 20 + 3) has few tiles to
-/// spread that over and ran slowly. Measured then, one pass per request, side by side (median
-/// pass times of 21, short sentences): 0.95-0.97x the time at 138-153 tokens (20 + 3 or 6
-/// strips, as 12 + 11 or 13 + 13), 0.96x at 730 tokens, 0.98-0.99x elsewhere from 96 to 470.
-pub fn strips_per_block(strips: usize) -> usize {
-    let blocks = strips.div_ceil(BLOCK_STRIPS).max(1);
+/// Strips per row block, at least: the size the kernel had before blocks followed L2, measured
+/// on a Zen 3 with 512 KiB of L2 (40 strips were no faster there, with 256 steps a block).
+const MIN_BLOCK_STRIPS: usize = 20;
+
+/// The share of a core's L2 a block's packed inputs may fill (the rest: the weights passing
+/// through, the outputs).
+const L2_SHARE: (usize, usize) = (17, 20);
+
+/// Strips per row block, at most, for products of `k` steps: as many as fill `L2_SHARE` of a
+/// core's L2, within `MIN_BLOCK_STRIPS..=BLOCK_STRIPS`. With 2 MiB of L2 that is 48 at 384 and
+/// 1,536 steps; with 512 KiB, 48 at 384 and 20 at 1,536 (whose 36 KiB strips would not stay).
+pub fn block_strips(k: usize) -> usize {
+    block_strips_for(l2_bytes(), k)
+}
+
+fn block_strips_for(l2: usize, k: usize) -> usize {
+    let strip = k.max(1) * STRIP * std::mem::size_of::<f32>();
+    (l2 / L2_SHARE.1 * L2_SHARE.0 / strip).clamp(MIN_BLOCK_STRIPS, BLOCK_STRIPS)
+}
+
+/// A core's L2 in bytes, read once from Linux's sysfs; 512 KiB (the smallest measured, so the
+/// smallest blocks) where it cannot be read.
+fn l2_bytes() -> usize {
+    static L2: OnceLock<usize> = OnceLock::new();
+    *L2.get_or_init(|| read_l2_bytes().unwrap_or(512 << 10))
+}
+
+/// The size of cpu0's level-2 data or unified cache, from `cache/index*/{level,type,size}`.
+fn read_l2_bytes() -> Option<usize> {
+    let caches = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    caches.flatten().find_map(|entry| {
+        let field = |name: &str| std::fs::read_to_string(entry.path().join(name)).ok();
+        let level = field("level")?;
+        let kind = field("type")?;
+        if level.trim() != "2" || kind.trim() == "Instruction" {
+            return None;
+        }
+        parse_cache_size(&field("size")?)
+    })
+}
+
+/// sysfs's cache size ("2048K", "1M", "512" bytes) in bytes.
+fn parse_cache_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let scale = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return None,
+    };
+    digits.parse::<usize>().ok()?.checked_mul(scale)
+}
+
+/// Strips per row block for a product of `strips` strips of `k` steps: at most
+/// `block_strips(k)`, the blocks as even as can be.
+pub fn strips_per_block(strips: usize, k: usize) -> usize {
+    even_blocks(strips, block_strips(k))
+}
+
+/// `strips` in blocks of at most `cap`, as even as can be. Every block streams all the weights
+/// once, prefetched a share per tile; a short last block (with at most 20 strips a block, 23
+/// strips were 20 + 3) has few tiles to spread that over and ran slowly. Measured then, one
+/// pass per request, side by side (median pass times of 21, short sentences): 0.95-0.97x the
+/// time at 138-153 tokens (20 + 3 or 6 strips, as 12 + 11 or 13 + 13), 0.96x at 730 tokens,
+/// 0.98-0.99x elsewhere from 96 to 470.
+fn even_blocks(strips: usize, cap: usize) -> usize {
+    let blocks = strips.div_ceil(cap.max(1)).max(1);
     strips.div_ceil(blocks).max(1)
 }
 
@@ -492,26 +556,47 @@ mod tests {
 
     #[test]
     fn row_blocks_are_even_and_never_over_the_limit() {
-        for strips in 1..3000 {
-            let per = strips_per_block(strips);
-            assert!(per <= BLOCK_STRIPS, "{strips} strips: blocks of {per}");
-            let blocks = strips.div_ceil(per);
-            assert_eq!(
-                blocks,
-                strips.div_ceil(BLOCK_STRIPS),
-                "{strips} strips: {blocks} blocks"
-            );
-            let last = strips - (blocks - 1) * per;
-            assert!(
-                last >= 1 && per - last < blocks,
-                "{strips} strips: blocks of {per}, last {last}"
-            );
+        for cap in [MIN_BLOCK_STRIPS, 29, BLOCK_STRIPS] {
+            for strips in 1..3000 {
+                let per = even_blocks(strips, cap);
+                assert!(per <= cap, "{strips} strips: blocks of {per}");
+                let blocks = strips.div_ceil(per);
+                assert_eq!(
+                    blocks,
+                    strips.div_ceil(cap),
+                    "{strips} strips, {blocks} blocks"
+                );
+                let last = strips - (blocks - 1) * per;
+                assert!(
+                    last >= 1 && per - last < blocks,
+                    "{strips} strips: blocks of {per}, last {last}"
+                );
+            }
+            assert_eq!(even_blocks(cap, cap), cap);
+            assert_eq!(even_blocks(cap + 2, cap), (cap + 2).div_ceil(2));
+            assert_eq!(even_blocks(2 * cap + 1, cap), (2 * cap + 1).div_ceil(3));
         }
-        assert_eq!(strips_per_block(BLOCK_STRIPS), BLOCK_STRIPS);
-        assert_eq!(strips_per_block(BLOCK_STRIPS + 2), BLOCK_STRIPS / 2 + 1);
+    }
+
+    #[test]
+    fn row_blocks_follow_the_l2() {
+        let k = |l2_kib: usize, k: usize| block_strips_for(l2_kib << 10, k);
+        assert_eq!((k(2048, 384), k(2048, 1536)), (48, 48));
+        assert_eq!((k(1280, 384), k(1280, 1536)), (48, 30));
+        assert_eq!((k(512, 384), k(512, 1536)), (48, 20));
         assert_eq!(
-            strips_per_block(2 * BLOCK_STRIPS + 1),
-            (2 * BLOCK_STRIPS + 1).div_ceil(3)
+            (k(0, 384), k(1 << 30, 768)),
+            (MIN_BLOCK_STRIPS, BLOCK_STRIPS)
         );
+        assert!((MIN_BLOCK_STRIPS..=BLOCK_STRIPS).contains(&block_strips(384)));
+    }
+
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("2048K\n"), Some(2 << 20));
+        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(parse_cache_size("524288"), Some(512 << 10));
+        assert_eq!(parse_cache_size("12Q"), None);
+        assert_eq!(parse_cache_size(""), None);
     }
 }
