@@ -235,6 +235,10 @@ fn start(
     )
     .map_err(|e| (EXIT_CONFIG, e))?;
     let info = model.info();
+    // What the many-rows kernel sizes its row blocks by: read here, before fork, whatever the
+    // log level (a disabled log line does not evaluate its fields), so that the workers
+    // inherit it instead of each reading sysfs in its first pass.
+    let l2_kib = forkserve_worker::model::linear::l2_cache_bytes() >> 10;
     tracing::info!(
         path = %config.model.path.display(),
         load_ms = loading.elapsed().as_millis() as u64,
@@ -242,6 +246,7 @@ fn start(
         precision = config.model.precision.name(),
         // Which product kernels this CPU runs (gemm where it lacks AVX2, FMA and F16C).
         kernels = forkserve_worker::model::linear::best_isa().map_or("gemm", |isa| isa.name()),
+        l2_kib,
         architecture = %info.model_type,
         pooling = %info.pooling.join("+"),
         dimension = info.dimension,

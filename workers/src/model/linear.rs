@@ -561,6 +561,13 @@ pub fn available_isas() -> Vec<Isa> {
         .collect()
 }
 
+/// The L2 cache of a core in bytes, by which the many-rows kernel sizes its blocks of rows
+/// (`many_rows::block_strips`): read once. The master logs it at start, so that it is read
+/// there, before fork, and no worker reads sysfs during a request.
+pub fn l2_cache_bytes() -> usize {
+    many_rows::l2_bytes()
+}
+
 /// The widest kernel this CPU runs. On a CPU whose 512-bit multiply-adds run at twice the rate
 /// of AVX2's (the Zen 5 of the development machine), the AVX2 kernels reach half of what the
 /// core can do, and ONNX Runtime's AVX-512 kernels were 1.2x as fast on 8 sentences.

@@ -14,7 +14,7 @@
 //!   accumulators (24), two weight vectors (four) and one broadcast input per row and step.
 //!   Half a panel of weights (16 outputs × `K_BLOCK` steps; two panels × `k_block` steps
 //!   with AVX-512) stays in L1 while every strip passes over it; the strips of a row block
-//!   (`BLOCK_STRIPS`) stay in L2 while every panel passes over them. Each tile prefetches a
+//!   (`block_strips`: as many as L2 holds) stay in L2 while every panel passes over them. Each tile prefetches a
 //!   share of the next panel's weights (the AVX2 tiles also the outputs of the next strip;
 //!   in the AVX-512 kernel that took 1.01-1.02x the time, side by side).
 //! - Each output starts from the bias and adds the products step after step in input order,
@@ -25,6 +25,7 @@
 use super::aligned::Aligned;
 use super::linear::{Isa, PANEL};
 use super::reuse;
+use std::path::Path;
 use std::sync::OnceLock;
 
 /// Rows per strip (per register tile).
@@ -70,17 +71,17 @@ pub fn k_block(isa: Isa) -> usize {
 /// requests/s (medians of 6 rounds, every round ahead by 1.7-6.0 %; 40 strips: 1.031x), passes
 /// of 8-400 short sentences 0.98-1.0x the time; 64 strips took 1.015-1.028x the time of 40 at
 /// 100-200 sentences (blocks of 59).
-pub const BLOCK_STRIPS: usize = 48;
+const BLOCK_STRIPS: usize = 48;
 
 /// Strips per row block, at least: the size the kernel had before blocks followed L2, measured
 /// on a Zen 3 with 512 KiB of L2 (40 strips were no faster there, with 256 steps a block).
 const MIN_BLOCK_STRIPS: usize = 20;
 
-/// The share of a core's L2 a block's packed inputs may fill (the rest: the weights passing
-/// through, the outputs).
-const L2_SHARE: (usize, usize) = (17, 20);
+/// The share of a core's L2, in percent, a block's packed inputs may fill (the rest: the
+/// weights passing through, the outputs).
+const L2_PERCENT: usize = 85;
 
-/// Strips per row block, at most, for products of `k` steps: as many as fill `L2_SHARE` of a
+/// Strips per row block, at most, for products of `k` steps: as many as fill `L2_PERCENT` of a
 /// core's L2, within `MIN_BLOCK_STRIPS..=BLOCK_STRIPS`. With 2 MiB of L2 that is 48 at 384 and
 /// 1,536 steps; with 512 KiB, 48 at 384 and 20 at 1,536 (whose 36 KiB strips would not stay).
 pub fn block_strips(k: usize) -> usize {
@@ -89,19 +90,22 @@ pub fn block_strips(k: usize) -> usize {
 
 fn block_strips_for(l2: usize, k: usize) -> usize {
     let strip = k.max(1) * STRIP * std::mem::size_of::<f32>();
-    (l2 / L2_SHARE.1 * L2_SHARE.0 / strip).clamp(MIN_BLOCK_STRIPS, BLOCK_STRIPS)
+    (l2 / 100 * L2_PERCENT / strip).clamp(MIN_BLOCK_STRIPS, BLOCK_STRIPS)
 }
 
 /// A core's L2 in bytes, read once from Linux's sysfs; 512 KiB (the smallest measured, so the
-/// smallest blocks) where it cannot be read.
-fn l2_bytes() -> usize {
+/// smallest blocks) where it cannot be read. The master reads it at start (it logs it), so
+/// the workers inherit the value rather than each reading sysfs in its first pass.
+pub fn l2_bytes() -> usize {
     static L2: OnceLock<usize> = OnceLock::new();
-    *L2.get_or_init(|| read_l2_bytes().unwrap_or(512 << 10))
+    *L2.get_or_init(|| {
+        read_l2_bytes(Path::new("/sys/devices/system/cpu/cpu0/cache")).unwrap_or(512 << 10)
+    })
 }
 
-/// The size of cpu0's level-2 data or unified cache, from `cache/index*/{level,type,size}`.
-fn read_l2_bytes() -> Option<usize> {
-    let caches = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+/// The size of the level-2 data or unified cache among `caches`' `index*/{level,type,size}`.
+fn read_l2_bytes(caches: &Path) -> Option<usize> {
+    let caches = std::fs::read_dir(caches).ok()?;
     caches.flatten().find_map(|entry| {
         let field = |name: &str| std::fs::read_to_string(entry.path().join(name)).ok();
         let level = field("level")?;
@@ -588,7 +592,29 @@ mod tests {
             (k(0, 384), k(1 << 30, 768)),
             (MIN_BLOCK_STRIPS, BLOCK_STRIPS)
         );
-        assert!((MIN_BLOCK_STRIPS..=BLOCK_STRIPS).contains(&block_strips(384)));
+    }
+
+    /// The L2 found among caches laid out as sysfs lays them out (instruction caches and the
+    /// other levels passed over), and none where there is no level-2 data or unified cache.
+    #[test]
+    fn the_l2_is_found_among_the_caches() {
+        let root = std::env::temp_dir().join(format!("forkserve-caches-{}", std::process::id()));
+        let cache = |index: usize, level: &str, kind: &str, size: &str| {
+            let dir = root.join(format!("index{index}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, value) in [("level", level), ("type", kind), ("size", size)] {
+                std::fs::write(dir.join(name), format!("{value}\n")).unwrap();
+            }
+        };
+        cache(0, "1", "Data", "48K");
+        cache(1, "1", "Instruction", "32K");
+        cache(3, "3", "Unified", "491520K");
+        cache(4, "2", "Instruction", "64K");
+        assert_eq!(read_l2_bytes(&root), None);
+        cache(2, "2", "Unified", "2048K");
+        assert_eq!(read_l2_bytes(&root), Some(2 << 20));
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(read_l2_bytes(&root), None);
     }
 
     #[test]
