@@ -392,9 +392,7 @@ impl Linear {
     /// after. The blocks of steps inside the groups, rather than around them, so that the
     /// weights are read in the order they are packed (each panel's blocks one after the other)
     /// and a group's outputs are read and written again while they are still in cache:
-    /// measured end to end, side by side, 0.96-0.99x the time at 8-128 sentences (this and
-    /// the aligned buffers of `reuse` together: 1,091 against 1,051 requests/s at 32
-    /// connections, medians of five rounds).
+    /// measured end to end, side by side, 0.96-0.99x the time at 8-128 sentences.
     #[allow(clippy::too_many_arguments)]
     fn many_rows_panels(
         &self,

@@ -70,7 +70,7 @@ pub fn k_block(isa: Isa) -> usize {
 /// requests at 32 connections (passes of ~37 strips, now one block instead of two) 1.036x the
 /// requests/s (medians of 6 rounds, every round ahead by 1.7-6.0 %; 40 strips: 1.031x), passes
 /// of 8-400 short sentences 0.98-1.0x the time; 64 strips took 1.015-1.028x the time of 40 at
-/// 100-200 sentences (blocks of 59).
+/// 100-200 sentences (blocks of 59 and 61).
 const BLOCK_STRIPS: usize = 48;
 
 /// Strips per row block, at least: the size the kernel had before blocks followed L2, measured
