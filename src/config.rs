@@ -717,6 +717,11 @@ impl Config {
                 ),
             ));
         }
+        if self.model.precision == Precision::Bf16 {
+            forkserve_worker::model::enable_bf16_tiles().map_err(|why| {
+                ConfigError::new("model.precision", format!("\"bf16\" needs AMX: {why}"))
+            })?;
+        }
         if let Some(format) = &self.log.access_log_format {
             forkserve_worker::access_log::Format::parse(format)
                 .map_err(|reason| ConfigError::new("log.access_log_format", reason))?;
@@ -1033,6 +1038,21 @@ mod tests {
         crate::cli::settings_in(&words.join(" ")).unwrap()
     }
 
+    /// bf16 is taken where this CPU and kernel run AMX's tiles, and refused, naming the key
+    /// and why, where they do not.
+    #[test]
+    fn bf16_is_taken_only_where_amx_runs() {
+        let parsed = from_str("[model]\nprecision = \"bf16\"");
+        match forkserve_worker::model::enable_bf16_tiles() {
+            Ok(()) => assert_eq!(parsed.unwrap().model.precision, Precision::Bf16),
+            Err(why) => {
+                let e = parsed.unwrap_err();
+                assert_eq!(e.key, "model.precision");
+                assert!(e.reason.contains(&why), "{e}");
+            }
+        }
+    }
+
     /// A file goes through the same path as text.
     #[test]
     fn a_file_and_its_text_load_the_same() {
@@ -1102,7 +1122,7 @@ mod tests {
             ("[log]\nlevel = \"loud\"", "log.level"),
             ("[log]\nformat = \"xml\"", "log.format"),
             ("umask = \"0o999\"", "umask"),
-            ("[model]\nprecision = \"bf16\"", "model.precision"),
+            ("[model]\nprecision = \"int8\"", "model.precision"),
             (
                 "[model]\nprecision = \"f16\"\nbackend = \"candle\"",
                 "model.precision",

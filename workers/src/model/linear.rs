@@ -16,9 +16,11 @@
 //!
 //! The weights are kept as f32, or as f16 with `model.precision = "f16"`: half the bytes to
 //! read per token, widened to f32 in registers (F16C) or a block at a time, so every product
-//! still computes in f32.
+//! still computes in f32. With `model.precision = "bf16"` the inputs and weights are rounded
+//! to bf16 and multiplied on AMX's tiles (`amx.rs`), on every route.
 
 use super::aligned::Aligned;
+use super::amx;
 use super::kernels::{matmul, MatRef};
 use super::many_rows::{self, Strips};
 use super::region::{Region, RegionBuilder, Span};
@@ -36,6 +38,9 @@ pub enum Precision {
     F32,
     /// Rounded to IEEE half precision (to nearest); computed in f32.
     F16,
+    /// The linear layers' inputs and weights rounded to bfloat16 and multiplied on AMX tiles,
+    /// summed in f32; the rest of the pass in f32. Needs a CPU with AMX-BF16.
+    Bf16,
 }
 
 impl Precision {
@@ -43,6 +48,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
         }
     }
 
@@ -51,6 +57,7 @@ impl Precision {
         match self {
             Precision::F32 => "float32",
             Precision::F16 => "float16",
+            Precision::Bf16 => "bfloat16",
         }
     }
 }
@@ -91,12 +98,23 @@ enum Packed {
     F32(Aligned<f32>),
     /// All finite (`Linear::in_precision` checks).
     F16(Aligned<f16>),
-    /// Moved into the model's shared region (`Linear::use_region`), f16 or f32 as before.
+    /// bf16 in the tiles' layout (`amx::pack`).
+    Bf16(Aligned<u16>),
+    /// Moved into the model's shared region (`Linear::use_region`), kept as before.
     InRegion {
         region: Arc<Region>,
         span: Span,
-        half: bool,
+        kind: Precision,
     },
+}
+
+/// The packed weights as the kernels read them.
+#[derive(Clone, Copy)]
+enum Stored<'a> {
+    /// Read by forkserve's f32 kernels (f16 widened as they go) or gemm.
+    Vectors(Weights<'a>),
+    /// Read by AMX's tiles (`amx::product`).
+    Tiles(&'a [u16]),
 }
 
 /// The packed weights from some point on.
@@ -194,8 +212,21 @@ impl Linear {
     /// The same layer with its weights kept in `precision` (the bias stays f32). Refuses a
     /// weight that half precision cannot hold (beyond ±65504) rather than serve infinities.
     pub fn in_precision(self, precision: Precision) -> Result<Linear, String> {
-        let packed = match (precision, self.weights()) {
-            (Precision::F16, Weights::F32(w)) => {
+        let packed = match (precision, self.stored()) {
+            (Precision::Bf16, Stored::Vectors(Weights::F32(w))) => {
+                amx::enable()?;
+                // Output j's weight for input i, in `from_torch_parts`' panels.
+                let weight = |j: usize, i: usize| {
+                    let first = j / PANEL * PANEL;
+                    let width = PANEL.min(self.outputs - first);
+                    w[first * self.inputs + i * width + j - first]
+                };
+                let tiles = amx::pack(weight, self.inputs, self.outputs);
+                let mut aligned = Aligned::new(tiles.len());
+                aligned.copy_from_slice(&tiles);
+                Packed::Bf16(aligned)
+            }
+            (Precision::F16, Stored::Vectors(Weights::F32(w))) => {
                 let mut halves = Aligned::new(w.len());
                 for (h, &v) in halves.iter_mut().zip(w) {
                     *h = f16::from_f32(v);
@@ -215,45 +246,56 @@ impl Linear {
 
     /// Bytes the weights take in memory.
     pub fn weight_bytes(&self) -> usize {
-        match self.weights() {
-            Weights::F32(w) => std::mem::size_of_val(w),
-            Weights::F16(w) => std::mem::size_of_val(w),
+        match self.stored() {
+            Stored::Vectors(Weights::F32(w)) => std::mem::size_of_val(w),
+            Stored::Vectors(Weights::F16(w)) => std::mem::size_of_val(w),
+            Stored::Tiles(w) => std::mem::size_of_val(w),
         }
     }
 
     /// Copies the packed weights into `builder`; `use_region` then serves them from there.
     pub fn copy_into(&self, builder: &mut RegionBuilder) -> Span {
-        match self.weights() {
-            Weights::F32(w) => builder.push(w),
-            Weights::F16(w) => builder.push(w),
+        match self.stored() {
+            Stored::Vectors(Weights::F32(w)) => builder.push(w),
+            Stored::Vectors(Weights::F16(w)) => builder.push(w),
+            Stored::Tiles(w) => builder.push(w),
         }
     }
 
     /// Serve the weights from `span` of `region` (where `copy_into` put them), and free this
     /// layer's own copy.
     pub fn use_region(&mut self, region: &Arc<Region>, span: Span) {
-        let half = matches!(self.weights(), Weights::F16(_));
+        let kind = match self.stored() {
+            Stored::Vectors(Weights::F32(_)) => Precision::F32,
+            Stored::Vectors(Weights::F16(_)) => Precision::F16,
+            Stored::Tiles(_) => Precision::Bf16,
+        };
         self.packed = Packed::InRegion {
             region: region.clone(),
             span,
-            half,
+            kind,
         };
     }
 
-    fn weights(&self) -> Weights<'_> {
+    fn stored(&self) -> Stored<'_> {
         match &self.packed {
-            Packed::F32(w) => Weights::F32(w),
-            Packed::F16(w) => Weights::F16(w),
-            Packed::InRegion {
-                region,
-                span,
-                half: false,
-            } => Weights::F32(region.slice(*span)),
-            Packed::InRegion {
-                region,
-                span,
-                half: true,
-            } => Weights::F16(region.slice(*span)),
+            Packed::F32(w) => Stored::Vectors(Weights::F32(w)),
+            Packed::F16(w) => Stored::Vectors(Weights::F16(w)),
+            Packed::Bf16(w) => Stored::Tiles(w),
+            Packed::InRegion { region, span, kind } => match kind {
+                Precision::F32 => Stored::Vectors(Weights::F32(region.slice(*span))),
+                Precision::F16 => Stored::Vectors(Weights::F16(region.slice(*span))),
+                Precision::Bf16 => Stored::Tiles(region.slice(*span)),
+            },
+        }
+    }
+
+    /// The weights for forkserve's f32 kernels and gemm: `forward` sends bf16 weights to
+    /// `amx::product` instead, so these never see them.
+    fn weights(&self) -> Weights<'_> {
+        match self.stored() {
+            Stored::Vectors(w) => w,
+            Stored::Tiles(_) => unreachable!("bf16 weights run on AMX's tiles (`forward`)"),
         }
     }
 
@@ -273,9 +315,21 @@ impl Linear {
         let n = self.outputs;
         let x = &x[..rows * self.inputs];
         let out = &mut out[..rows * n];
+        // bf16: the inputs rounded once, whichever threads share the outputs.
+        let tiles = match self.stored() {
+            Stored::Tiles(packed) => Some((packed, amx::Rows::new(x, rows, self.inputs))),
+            Stored::Vectors(_) => None,
+        };
+        let outputs_into = |from: usize, to: usize, dst: &mut [f32], dst_stride: usize| match &tiles
+        {
+            Some((packed, rounded)) => {
+                amx::product(rounded, packed, &self.bias, n, from, to, dst, dst_stride)
+            }
+            None => self.panels_into(x, rows, from, to, dst, dst_stride),
+        };
         let panels = n.div_ceil(PANEL);
         if threads <= 1 || panels < 2 {
-            self.panels_into(x, rows, 0, n, out, n);
+            outputs_into(0, n, out, n);
             return;
         }
         let per_thread = panels.div_ceil(threads.min(panels)) * PANEL;
@@ -285,7 +339,7 @@ impl Linear {
             .map(|first| {
                 let width = per_thread.min(n - first);
                 let mut part = vec![0f32; rows * width];
-                self.panels_into(x, rows, first, first + width, &mut part, width);
+                outputs_into(first, first + width, &mut part, width);
                 (first, width, part)
             })
             .collect();
@@ -1158,6 +1212,60 @@ mod tests {
         got
     }
 
+    /// bf16 through `forward`, as the encoder calls it, one thread and two (each a share of
+    /// the outputs): the definition on the rounded inputs and weights, and a row's bits the
+    /// same alone as among others. Where the CPU has no AMX, the precision is refused.
+    #[test]
+    fn bf16_products_equal_the_definition() {
+        let bf = |v: f32| f32::from_bits((amx::to_bf16(v) as u32) << 16);
+        for (k, n) in [(384, 1152), (40, 37), (1536, 384), (577, 33)] {
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 997.0)
+                .collect();
+            let bias: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+            let linear =
+                match Linear::from_torch(&w, bias.clone(), k, n).in_precision(Precision::Bf16) {
+                    Ok(linear) => linear,
+                    Err(why) => {
+                        assert_eq!(
+                            Err(why.clone()),
+                            amx::enable(),
+                            "refused only for want of AMX"
+                        );
+                        eprintln!("skipped: {why}");
+                        return;
+                    }
+                };
+            let rounded: Vec<f32> = w.iter().map(|&v| bf(v)).collect();
+            for rows in [1, 7, 16, 17, 33, 127] {
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|i| ((i * 104_729 % 613) as f32 - 300.0) / 611.0)
+                    .collect();
+                let x_rounded: Vec<f32> = x.iter().map(|&v| bf(v)).collect();
+                let expected = linear_by_definition(&rounded, &bias, &x_rounded, rows, k, n);
+                let mut first = Vec::new();
+                for threads in [1, 2] {
+                    let mut got = vec![f32::NAN; rows * n];
+                    linear.forward(&x, rows, &mut got, threads);
+                    for (a, b) in got.iter().zip(&expected) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "k {k} n {n} rows {rows} threads {threads}: {a} vs {b}"
+                        );
+                    }
+                    match threads {
+                        1 => first = got,
+                        _ => assert_eq!(got, first, "k {k} n {n} rows {rows}: by threads"),
+                    }
+                }
+                let last = rows - 1;
+                let mut alone = vec![f32::NAN; n];
+                linear.forward(&x[last * k..], 1, &mut alone, 1);
+                assert_eq!(alone, first[last * n..], "k {k} n {n}: row {last} alone");
+            }
+        }
+    }
+
     /// The packed product against the definition, by both routes, in both precisions: row
     /// counts around the tiles' heights, widths that are and are not multiples of the panel
     /// width, inputs longer than a block; and `forward` with one and two threads. In f16 the
@@ -1185,6 +1293,7 @@ mod tests {
                 let stored: Vec<f32> = match precision {
                     Precision::F32 => w.clone(),
                     Precision::F16 => w.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+                    Precision::Bf16 => unreachable!("bf16_products_equal_the_definition"),
                 };
                 let linear = Linear::from_torch(&w, bias.clone(), k, n)
                     .in_precision(precision)

@@ -6,6 +6,7 @@
 //! workers.
 
 mod aligned;
+mod amx;
 mod architecture;
 mod candle;
 mod dense;
@@ -24,6 +25,8 @@ mod weights;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Whether `model.precision = "bf16"` runs here (AMX-BF16 and the kernel's permission), or why not.
+pub use amx::enable as enable_bf16_tiles;
 use architecture::EncoderConfig;
 pub use architecture::Family;
 pub use dense::Activation;
