@@ -322,15 +322,28 @@ def wrk(server, script, path, connections, seconds):
     return parse_wrk(subprocess.run(cmd, capture_output=True, text=True).stdout)
 
 
+def amx_bf16():
+    """Whether this CPU has AMX's bf16 tiles, which `model.precision = "bf16"` needs."""
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
 def section_concurrency(model_dir, connections, seconds):
-    """One worker on one core per stack; requests/s and p50/p99 under wrk."""
+    """One worker on one core per stack; requests/s and p50/p99 under wrk. Where the CPU has
+    AMX, forkserve with `model.precision = "bf16"` too."""
     rows = []
-    kinds = ["forkserve", "python"]
+    kinds = ["forkserve", "python"] + (["forkserve_bf16"] if amx_bf16() else [])
     os.environ["OMP_NUM_THREADS"] = "1"  # the Python stack's worker: one core, like forkserve's
     servers = {}
     try:
         for kind in kinds:
-            servers[kind] = Server(kind, 1, threads=1, model=model_dir)
+            if kind == "forkserve_bf16":
+                os.environ["FORKSERVE_MODEL_PRECISION"] = "bf16"
+            try:
+                servers[kind] = Server(kind.removesuffix("_bf16"), 1, threads=1, model=model_dir)
+            finally:
+                os.environ.pop("FORKSERVE_MODEL_PRECISION", None)
             servers[kind].wait_first_ok()
         for request, script, path in [("one sentence /embed", "embed_one.lua", "/embed"),
                                       ("seed /cluster (9 titles)", "cluster.lua", "/cluster")]:
@@ -442,10 +455,14 @@ def report(result):
             "timing; tokens to pooled vectors); \"the rest\" is each request's time minus its passes: HTTP over "
             "loopback, JSON, tokenizing and the wake-ups of the threads and processes involved, which ORT in-process does "
             "not have. "
-            "ORT's weights are f32 in every row; \"f16\" rows are forkserve with `model.precision = \"f16\"`.", "",
-            "## Concurrency: one worker on one core per stack (wrk, req/s, p50 / p99 ms)", "",
-            "| request | connections | forkserve | Python stack | forkserve / Python |",
-            "| --- | ---: | ---: | ---: | ---: |"]
+            "ORT's weights are f32 in every row; \"f16\" rows are forkserve with `model.precision = \"f16\"`, "
+            "\"bf16\" rows with `model.precision = \"bf16\"` (inputs and weights of the linear layers in bfloat16 on "
+            "AMX tiles: their share is of the f32 peak, which AMX exceeds).", "",
+            "## Concurrency: one worker on one core per stack (wrk, req/s, p50 / p99 ms)", ""]
+    bf16 = any("forkserve_bf16" in r for r in result["concurrency"])
+    out += ["| request | connections | forkserve | Python stack | forkserve / Python |"
+            + (" forkserve, bf16 |" if bf16 else ""),
+            "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if bf16 else "")]
     for r in result["concurrency"]:
         if "request" not in r:
             continue
@@ -455,7 +472,8 @@ def report(result):
             lat = x["latency_ms"]
             return f"{x['requests_per_s'] or 0:.0f} ({lat.get('p50', 0):.0f} / {lat.get('p99', 0):.0f})"
         ratio = (f["requests_per_s"] or 0) / (p["requests_per_s"] or float("nan"))
-        out.append(f"| {r['request']} | {r['connections']} | {cell(f)} | {cell(p)} | {ratio:.2f} |")
+        out.append(f"| {r['request']} | {r['connections']} | {cell(f)} | {cell(p)} | {ratio:.2f} |"
+                   + (f" {cell(r['forkserve_bf16'])} |" if "forkserve_bf16" in r else ""))
     batches = [r["metrics"] for r in result["concurrency"] if "metrics" in r]
     if batches:
         out += ["", "forkserve's requests per forward pass over these runs (`/metrics`):", "", "```"]
@@ -495,6 +513,9 @@ def main():
     result["latency"] = section_latency(onnx_path, args.model, [1, 2], SIZES, repeats)
     # model.precision = "f16" (weights rounded to half precision, computed in f32).
     result["latency"] += section_latency(onnx_path, args.model, [1], SIZES, repeats, precision="f16")
+    # model.precision = "bf16" (AMX tiles), where the CPU has them.
+    if amx_bf16():
+        result["latency"] += section_latency(onnx_path, args.model, [1], SIZES, repeats, precision="bf16")
     result["concurrency"] = section_concurrency(args.model, [1, 4, 32], 5 if args.quick else 15)
     result["head_of_line"] = section_head_of_line(args.model)
     os.makedirs(RESULTS, exist_ok=True)

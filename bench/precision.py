@@ -18,7 +18,9 @@ fidelity by the same measures, and its speed against f32 in the same library on 
 
 Then the same question of forkserve itself (the release binary, `make build`): its vectors with
 `model.precision = "f32"` and `"f16"`, against sentence-transformers' recorded ones on the
-reference sentences, and f16 against f32 on the 3,000 sentences.
+reference sentences, and f16 against f32 on the 3,000 sentences; where the CPU has AMX, the
+same for `"bf16"` (the linear layers' inputs and weights in bf16, the rest in f32), with its
+clusterings.
 """
 
 import http.client
@@ -156,6 +158,16 @@ def main():
     print(f"forkserve min cos to sentence-transformers on the reference: f32 {min_cos(f32_ref, library):.7f}, "
           f"f16 {min_cos(f16_ref, library):.7f}; f16 to f32 on 3,000 sentences {min_cos(f16_big, f32_big):.7f}",
           flush=True)
+    with open("/proc/cpuinfo") as f:
+        amx = "amx_bf16" in f.read().split()
+    if amx:
+        bf16_ref, bf16_big = forkserve_vectors(model_dir, "bf16", [reference, clusters["sentences"]])
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+        print(f"forkserve bf16 (AMX): min cos to sentence-transformers on the reference {min_cos(bf16_ref, library):.7f}, "
+              f"to f32 on 3,000 sentences {min_cos(bf16_big, f32_big):.7f}; "
+              f"{clusterings_kept(as_tensor(bf16_ref), as_tensor(bf16_big))}", flush=True)
+    else:
+        print("forkserve bf16: not measured (this CPU has no AMX-BF16)", flush=True)
 
 
 if __name__ == "__main__":
