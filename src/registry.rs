@@ -212,7 +212,7 @@ pub static SETTINGS: &[Setting] = &[
         "Forward pass: fast (forkserve's own, no padding) or candle (candle-transformers' BERT and XLM-RoBERTa, the reference).",
         &["--backend"]),
     setting("model.precision", Kind::Choice(&["f32", "f16", "bf16"]), Default::Text("f32"),
-        "How the encoder's linear layers compute: f32 (the vectors are sentence-transformers' own); f16 (weights kept in half precision: half the memory and memory traffic, computed in f32; all-MiniLM-L6-v2's vectors within cosine 0.9999997 of f32's); bf16 (inputs and weights rounded to bfloat16, multiplied on AMX tiles: several times the speed on batches, vectors within cosine 0.99997 of f32's, close clusterings may move; needs a CPU with AMX-BF16). fast backend only.",
+        "How the encoder's linear layers compute: f32 (the vectors are sentence-transformers' own); f16 (weights kept in half precision: half the memory and memory traffic, computed in f32; all-MiniLM-L6-v2's vectors within cosine 0.9999997 of f32's); bf16 (inputs and weights rounded to bfloat16, multiplied on AMX tiles: ~3x the speed on batches, vectors within cosine 0.99997 of sentence-transformers' on its reference set, close clusterings may move; needs a CPU with AMX-BF16 and Linux 5.16+). fast backend only.",
         &["--precision"]),
     setting("cluster.threshold", Kind::Float { min: 0.0, max: 1.0, open_min: true }, Default::Float(0.5),
         "Default cosine-similarity threshold of POST /cluster (the seed example splits 5/4 from 0.241 to 0.755).",
