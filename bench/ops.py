@@ -127,7 +127,9 @@ def under_load(conf):
 
 def hup_roll():
     s, c = under_load("workers = 2")
-    s.write("workers = 3")
+    # A setting the workers use, so that every worker is replaced (the worker count alone
+    # only adds one: the running workers keep serving).
+    s.write("workers = 3\n[cluster]\nthreshold = 0.55")
     os.kill(s.proc.pid, signal.SIGHUP)
     s.wait("retired by a reload", 2)
     time.sleep(2)
