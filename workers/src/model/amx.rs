@@ -192,6 +192,8 @@ pub fn product(
 ) {
     let k = rows.stride;
     let steps = k / STEP;
+    // The kernels' loop runs at least one step (a count of 0 would wrap around).
+    assert!(steps > 0, "a product over no inputs");
     assert!(
         from.is_multiple_of(PANEL)
             && to <= outputs

@@ -215,6 +215,15 @@ impl Linear {
         let packed = match (precision, self.stored()) {
             (Precision::Bf16, Stored::Vectors(Weights::F32(w))) => {
                 amx::enable()?;
+                // bf16 has f32's exponents: only the last step below f32's largest rounds up
+                // to an infinity.
+                if let Some(v) = w.iter().find(|v| {
+                    v.is_finite() && !f32::from_bits((amx::to_bf16(**v) as u32) << 16).is_finite()
+                }) {
+                    return Err(format!(
+                        "a weight of {v} is beyond bfloat16's range (±3.39e38)"
+                    ));
+                }
                 // Output j's weight for input i, in `from_torch_parts`' panels.
                 let weight = |j: usize, i: usize| {
                     let first = j / PANEL * PANEL;
@@ -1437,6 +1446,26 @@ mod tests {
         assert_eq!(l.weight_bytes(), 8);
         let l = l.in_precision(Precision::F16).unwrap();
         assert_eq!(l.weight_bytes(), 4);
+    }
+
+    /// bf16 rounds f32's largest values up to infinity: refused, where AMX runs at all.
+    #[test]
+    fn weights_beyond_bf16_range_are_refused() {
+        if let Err(why) = amx::enable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let err = Linear::from_torch(&[1.0, f32::MAX], vec![0.0], 2, 1)
+            .in_precision(Precision::Bf16)
+            .err()
+            .unwrap();
+        assert!(err.contains("bfloat16's range"), "{err}");
+        // 3e38 rounds to bf16's largest finite value.
+        let l = Linear::from_torch(&[1.0, 3e38], vec![0.0], 2, 1)
+            .in_precision(Precision::Bf16)
+            .unwrap();
+        // One output padded to a panel of 32, two inputs to a step of 32: 1,024 bf16 values.
+        assert_eq!(l.weight_bytes(), 2048);
     }
 
     #[test]
