@@ -210,7 +210,8 @@ impl Linear {
     }
 
     /// The same layer with its weights kept in `precision` (the bias stays f32). Refuses a
-    /// weight that half precision cannot hold (beyond ±65504) rather than serve infinities.
+    /// weight that half precision cannot hold (beyond ±65504), or that bf16 rounds to an
+    /// infinity, rather than serve infinities; and bf16 where AMX does not run.
     pub fn in_precision(self, precision: Precision) -> Result<Linear, String> {
         let packed = match (precision, self.stored()) {
             (Precision::Bf16, Stored::Vectors(Weights::F32(w))) => {
@@ -1171,10 +1172,11 @@ mod avx512 {
 
 /// How far past the block being prefetched into L1 the few-rows kernel also asks for lines
 /// into L2: a short request's product streams weights that, after the worker sat idle for a
-/// while, come from memory rather than L3, and one block ahead (16 KiB) kept too few lines
-/// in flight. Measured side by side (`bench/ab.py`, one sentence, 31 repeats 50 ms apart):
-/// passes 0.92-0.94x the time with 24, 48 or 96 KiB ahead, 8 sentences (the many-rows
-/// kernel) level.
+/// while, seem to come from memory rather than L3 (such a pass takes 1.65 ms back to back,
+/// 3.0 ms after 200 ms idle), and one block ahead (16 KiB) kept too few lines in flight.
+/// Measured side by side on the AVX-512 kernel (`bench/ab.py`, one sentence, 31 repeats 50 ms
+/// apart): passes 0.92-0.94x the time with 24, 48 or 96 KiB ahead, 8 sentences (the
+/// many-rows kernel) level. The AVX2 kernel, which streams the same blocks, does the same.
 const FAR_AHEAD: usize = 48 * 1024;
 
 /// Asks the CPU to bring the cache line holding `data[at]` into L2 (and L3), not L1: for
