@@ -26,10 +26,12 @@ use std::arch::asm;
 use std::cell::Cell;
 use std::sync::OnceLock;
 
+use super::aligned::Aligned;
+
 /// Inputs per tile step: a row of an input tile is 32 bf16 values (64 bytes).
-pub const STEP: usize = 32;
-/// Outputs per panel: two tiles of 16 columns side by side.
-pub const PANEL: usize = 32;
+const STEP: usize = 32;
+/// Outputs per panel: two tiles of 16 columns side by side. `product` starts on one.
+pub(super) const PANEL: usize = 32;
 /// Rows of a tile.
 const TILE_ROWS: usize = 16;
 
@@ -107,20 +109,34 @@ pub fn padded_inputs(inputs: usize) -> usize {
 /// PyTorch's `[out, in]` weights (`weight(j, i)`) packed for the tiles: panel by panel of 32
 /// outputs, each as two halves of 16; within a half, for each pair of inputs, the 16 outputs'
 /// two values side by side (the "VNNI" layout a B tile of `TDPBF16PS` reads). Outputs and
-/// inputs past the matrix's are zeros.
-pub fn pack(weight: impl Fn(usize, usize) -> f32, inputs: usize, outputs: usize) -> Vec<u16> {
+/// inputs past the matrix's are zeros. `Err` holds a finite weight that rounds to an infinity
+/// (bf16 has f32's exponents: only the last step below f32's largest does).
+pub fn pack(
+    weight: impl Fn(usize, usize) -> f32,
+    inputs: usize,
+    outputs: usize,
+) -> Result<Aligned<u16>, f32> {
     let k = padded_inputs(inputs);
     let panels = outputs.div_ceil(PANEL);
-    let mut packed = vec![0u16; panels * PANEL * k];
+    let mut packed = Aligned::new(panels * PANEL * k);
     for (at, value) in packed.iter_mut().enumerate() {
         let (half_at, within) = (at / (TILE_ROWS * k), at % (TILE_ROWS * k));
         let (pair, column, side) = (within / 32, within % 32 / 2, within % 2);
         let (j, i) = (half_at * TILE_ROWS + column, 2 * pair + side);
         if j < outputs && i < inputs {
-            *value = to_bf16(weight(j, i));
+            let w = weight(j, i);
+            *value = to_bf16(w);
+            if w.is_finite() && !from_bf16(*value).is_finite() {
+                return Err(w);
+            }
         }
     }
-    packed
+    Ok(packed)
+}
+
+/// The f32 a bf16 value stands for (exactly).
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
 }
 
 /// Rows of a product's input rounded to bf16, padded with zeros to whole steps of inputs and
@@ -322,7 +338,10 @@ unsafe fn tiles_32(a: *const u16, k: usize, b: *const u16, steps: usize, out: &m
     }
 }
 
-/// `tiles_32` for 16 rows (the first 16 of `out`).
+/// `tiles_32` for 16 rows (the first 16 of `out`): a block of at most 16 rows, such as a
+/// one-sentence request's, runs half the multiply-adds. Measured side by side with `tiles_32`
+/// alone (16 zero rows computed): one sentence's bf16 pass 1.32-1.34 against 1.57-1.77 ms in
+/// three of four rounds, batches level.
 ///
 /// # Safety
 /// As `tiles_32`, with `a` readable for 16 rows.
@@ -385,14 +404,14 @@ mod tests {
         assert_eq!(to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
         assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
         assert_eq!(to_bf16(-2.5), 0xc020);
-        assert!(f32::from_bits((to_bf16(f32::NAN) as u32) << 16).is_nan());
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
         assert_eq!(to_bf16(f32::MAX), 0x7f80, "beyond bf16's largest: infinity");
     }
 
     /// What `product` must give: the bf16-rounded inputs and weights multiplied and summed
     /// in f64, the bias added.
     fn expected(x: &[f32], w: &[f32], bias: &[f32], rows: usize, k: usize, n: usize) -> Vec<f64> {
-        let bf = |v: f32| f32::from_bits((to_bf16(v) as u32) << 16) as f64;
+        let bf = |v: f32| from_bf16(to_bf16(v)) as f64;
         let mut out = vec![0.0; rows * n];
         for r in 0..rows {
             for j in 0..n {
@@ -419,7 +438,7 @@ mod tests {
         // 45 outputs (a narrow last panel), 1, 16, 17 and 40 rows.
         for (rows, k, n) in [(1, 37, 45), (16, 64, 32), (17, 384, 96), (40, 37, 45)] {
             let (x, w, bias) = (values(rows * k, 1), values(n * k, 2), values(n, 3));
-            let packed = pack(|j, i| w[j * k + i], k, n);
+            let packed = pack(|j, i| w[j * k + i], k, n).unwrap();
             let mut out = vec![f32::NAN; rows * n];
             product(
                 &Rows::new(&x, rows, k),
@@ -454,7 +473,7 @@ mod tests {
         }
         let (k, n, rows) = (384, 64, 70);
         let (x, w, bias) = (values(rows * k, 4), values(n * k, 5), values(n, 6));
-        let packed = pack(|j, i| w[j * k + i], k, n);
+        let packed = pack(|j, i| w[j * k + i], k, n).unwrap();
         let mut all = vec![0.0; rows * n];
         product(
             &Rows::new(&x, rows, k),

@@ -66,6 +66,10 @@ impl Precision {
 /// for gemm's widest micro-kernel (16 columns with AVX2, 32 with AVX-512) to run full.
 pub const PANEL: usize = 32;
 
+// `forward`'s threads each take whole panels, and a share of bf16 outputs must start on one of
+// `amx::product`'s panels.
+const _: () = assert!(PANEL.is_multiple_of(amx::PANEL));
+
 /// Up to this many rows a product runs `few_rows_product`, above it the many-rows kernel
 /// (where the CPU has AVX2, FMA and F16C). Both give the same bits, so this only sets the
 /// speed. Measured by `packed_product_speed` (weights out of cache): the few-rows kernel took
@@ -216,25 +220,16 @@ impl Linear {
         let packed = match (precision, self.stored()) {
             (Precision::Bf16, Stored::Vectors(Weights::F32(w))) => {
                 amx::enable()?;
-                // bf16 has f32's exponents: only the last step below f32's largest rounds up
-                // to an infinity.
-                if let Some(v) = w.iter().find(|v| {
-                    v.is_finite() && !f32::from_bits((amx::to_bf16(**v) as u32) << 16).is_finite()
-                }) {
-                    return Err(format!(
-                        "a weight of {v} is beyond bfloat16's range (±3.39e38)"
-                    ));
-                }
                 // Output j's weight for input i, in `from_torch_parts`' panels.
                 let weight = |j: usize, i: usize| {
                     let first = j / PANEL * PANEL;
                     let width = PANEL.min(self.outputs - first);
                     w[first * self.inputs + i * width + j - first]
                 };
-                let tiles = amx::pack(weight, self.inputs, self.outputs);
-                let mut aligned = Aligned::new(tiles.len());
-                aligned.copy_from_slice(&tiles);
-                Packed::Bf16(aligned)
+                let tiles = amx::pack(weight, self.inputs, self.outputs).map_err(|v| {
+                    format!("a weight of {v} is beyond bfloat16's range (±3.39e38)")
+                })?;
+                Packed::Bf16(tiles)
             }
             (Precision::F16, Stored::Vectors(Weights::F32(w))) => {
                 let mut halves = Aligned::new(w.len());
@@ -1257,7 +1252,7 @@ mod tests {
     /// same alone as among others. Where the CPU has no AMX, the precision is refused.
     #[test]
     fn bf16_products_equal_the_definition() {
-        let bf = |v: f32| f32::from_bits((amx::to_bf16(v) as u32) << 16);
+        let bf = |v: f32| amx::from_bf16(amx::to_bf16(v));
         for (k, n) in [(384, 1152), (40, 37), (1536, 384), (577, 33)] {
             let w: Vec<f32> = (0..k * n)
                 .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 997.0)
