@@ -83,14 +83,7 @@ fn cluster_endpoint_matches_reference_communities() {
     assert!(!communities.is_empty());
     let server = Server::start(&config("workers = 1"), 1);
     for (threshold, expected) in communities {
-        let body = serde_json::json!({
-            "sentences": sentences,
-            "threshold": threshold.parse::<f64>().unwrap(),
-            "min_cluster_size": 1,
-        });
-        let r = server.post_json("/cluster", &body.to_string());
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let got = r.json();
+        let got = cluster_at(&server, &sentences, threshold);
         assert_eq!(
             partition(&got["indices"]),
             partition(expected),
@@ -169,17 +162,23 @@ fn bf16_products_keep_the_reference_vectors_and_communities() {
     assert_eq!(server.get("/info").json()["model_dtype"], "bfloat16");
     let communities = reference["community_detection"].as_object().unwrap();
     for (threshold, expected) in communities {
-        let body = serde_json::json!({
-            "sentences": sentences,
-            "threshold": threshold.parse::<f64>().unwrap(),
-            "min_cluster_size": 1,
-        });
-        let r = server.post_json("/cluster", &body.to_string());
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(
-            partition(&r.json()["indices"]),
+            partition(&cluster_at(&server, &sentences, threshold)["indices"]),
             partition(expected),
             "communities at threshold {threshold}"
         );
     }
+}
+
+/// `POST /cluster` of `sentences` at the recorded `threshold` (as its JSON key spells it),
+/// every community kept (`min_cluster_size` 1, as the reference was recorded): the answer.
+fn cluster_at(server: &Server, sentences: &[String], threshold: &str) -> serde_json::Value {
+    let body = serde_json::json!({
+        "sentences": sentences,
+        "threshold": threshold.parse::<f64>().unwrap(),
+        "min_cluster_size": 1,
+    });
+    let r = server.post_json("/cluster", &body.to_string());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
 }
