@@ -195,6 +195,13 @@ def total_pss(mem):
     return mem["master"]["Pss"] + sum(w["Pss"] for w in mem["workers"])
 
 
+def amx_bf16():
+    """Whether this CPU has AMX's bf16 tiles, which `model.precision = "bf16"` needs."""
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
 def model_shape(model_dir):
     """(layers, hidden, intermediate) of the transformer in `model_dir`."""
     with open(os.path.join(model_dir, "config.json")) as f:

@@ -36,7 +36,7 @@ import http.client
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (  # noqa: E402
-    MODEL, RESULTS, ROOT, Server, forward_flops, machine, parse_wrk, token_lengths,
+    MODEL, RESULTS, ROOT, Server, amx_bf16, forward_flops, machine, parse_wrk, token_lengths,
 )
 
 ONNX_DIR = os.path.join(ROOT, "target", "bench-models")
@@ -320,13 +320,6 @@ def wrk(server, script, path, connections, seconds):
            "--timeout", "30s", "-s", os.path.join(ROOT, "bench", "wrk", script),
            f"http://127.0.0.1:{server.port}{path}"]
     return parse_wrk(subprocess.run(cmd, capture_output=True, text=True).stdout)
-
-
-def amx_bf16():
-    """Whether this CPU has AMX's bf16 tiles, which `model.precision = "bf16"` needs."""
-    with open("/proc/cpuinfo") as f:
-        flags = f.read().split()
-    return "amx_bf16" in flags and "amx_tile" in flags
 
 
 def section_concurrency(model_dir, connections, seconds):

@@ -37,7 +37,7 @@ from sentence_transformers import SentenceTransformer, util
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, "tests", "data", "reference")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from bench import Server  # noqa: E402
+from bench import Server, amx_bf16  # noqa: E402
 
 
 def as_sets(communities):
@@ -158,9 +158,7 @@ def main():
     print(f"forkserve min cos to sentence-transformers on the reference: f32 {min_cos(f32_ref, library):.7f}, "
           f"f16 {min_cos(f16_ref, library):.7f}; f16 to f32 on 3,000 sentences {min_cos(f16_big, f32_big):.7f}",
           flush=True)
-    with open("/proc/cpuinfo") as f:
-        amx = "amx_bf16" in f.read().split()
-    if amx:
+    if amx_bf16():
         bf16_ref, bf16_big = forkserve_vectors(model_dir, "bf16", [reference, clusters["sentences"]])
         as_tensor = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
         print(f"forkserve bf16 (AMX): min cos to sentence-transformers on the reference {min_cos(bf16_ref, library):.7f}, "
